@@ -1,0 +1,75 @@
+"""Settings from the environment, documented in .env.example."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    return int(raw) if raw else default
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    return float(raw) if raw else default
+
+
+def _str(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def _tokens(raw: str) -> tuple[str, ...]:
+    # A comma-separated list lets an operator rotate the inbound token without downtime.
+    return tuple(t.strip() for t in raw.split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Where Celery keeps its queues; defaults to REDIS_URL.
+    broker_url: str = ""
+    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
+    partner_api_url: str = "http://127.0.0.1:9400"
+    max_body_bytes: int = 5 * 1024 * 1024
+    dedup_ttl_seconds: int = 86400
+    # The whole Redis round trip of the request path must fit in mParticle's 100 ms budget.
+    ingest_redis_timeout_ms: int = 60
+    key_prefix: str = "fr"
+    partner_timeout_seconds: float = 10.0
+    retry_max_attempts: int = 8
+    retry_backoff_base: float = 2.0
+    retry_backoff_max: float = 600.0
+    broker_visibility_timeout: int = 3600
+    pump_batch_size: int = 200
+    pump_block_ms: int = 500
+    pump_claim_idle_ms: int = 30000
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        redis_url = _str("REDIS_URL", cls.redis_url)
+        return cls(
+            redis_url=redis_url,
+            broker_url=_str("CELERY_BROKER_URL", redis_url),
+            auth_tokens=_tokens(os.environ.get("FIREHOSE_AUTH_TOKEN", "")),
+            partner_api_url=_str("PARTNER_API_URL", cls.partner_api_url).rstrip("/"),
+            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
+            dedup_ttl_seconds=_int("DEDUP_TTL_SECONDS", cls.dedup_ttl_seconds),
+            ingest_redis_timeout_ms=_int("INGEST_REDIS_TIMEOUT_MS", cls.ingest_redis_timeout_ms),
+            key_prefix=_str("REDIS_KEY_PREFIX", cls.key_prefix),
+            partner_timeout_seconds=_float("PARTNER_TIMEOUT_SECONDS", cls.partner_timeout_seconds),
+            retry_max_attempts=_int("RETRY_MAX_ATTEMPTS", cls.retry_max_attempts),
+            retry_backoff_base=_float("RETRY_BACKOFF_BASE", cls.retry_backoff_base),
+            retry_backoff_max=_float("RETRY_BACKOFF_MAX", cls.retry_backoff_max),
+            broker_visibility_timeout=_int("BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout),
+            pump_batch_size=_int("PUMP_BATCH_SIZE", cls.pump_batch_size),
+            pump_block_ms=_int("PUMP_BLOCK_MS", cls.pump_block_ms),
+            pump_claim_idle_ms=_int("PUMP_CLAIM_IDLE_MS", cls.pump_claim_idle_ms),
+        )
+
+    def public(self) -> dict[str, object]:
+        """The settings without secrets, for a startup log line."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        out["auth_tokens"] = len(self.auth_tokens)
+        return out

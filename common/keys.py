@@ -1,0 +1,44 @@
+"""Redis key names, in one place so the web, the workers and the tools agree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The consumer group the workers read the inbox with.
+INBOX_GROUP = "relay"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str
+
+    @property
+    def inbox(self) -> str:
+        """Stream of accepted messages not yet handed to a delivery task."""
+        return f"{self.prefix}:inbox"
+
+    def seen(self, message_id: str) -> str:
+        """Marks a message id as accepted, so a retry from mParticle is not queued twice."""
+        return f"{self.prefix}:seen:{message_id}"
+
+    def delivered(self, idempotency_key: str) -> str:
+        """Marks a partner payload the partner already answered 2xx."""
+        return f"{self.prefix}:delivered:{idempotency_key}"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.prefix}:dlq"
+
+    @property
+    def dead_letter_index(self) -> str:
+        return f"{self.prefix}:dlq:index"
+
+    @property
+    def skipped_events(self) -> str:
+        """Hash of skipped-event counts by reason."""
+        return f"{self.prefix}:stats:skipped"
+
+    @property
+    def stats(self) -> str:
+        """Hash of delivery counters (delivered, retried, dead_lettered...)."""
+        return f"{self.prefix}:stats:delivery"

@@ -1,0 +1,356 @@
+"""In-memory partner state: what a real partner would have stored, plus a request log.
+
+Everything here is guarded by one lock. The stub is a test double, so a single
+coarse lock is simpler to reason about than fine-grained ones, and it makes
+"check the Idempotency-Key, then apply" atomic, which is exactly the property
+the relay's tests rely on.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from devtools.partner_stub.faults import FaultRule
+
+MEMBER_ACTIONS = frozenset({"add", "delete", "update_attributes"})
+ATTRIBUTE_ACTIONS = frozenset({"upsert", "delete"})
+IDENTITY_LISTS = ("user_identities", "device_identities", "partner_identities")
+
+
+class PayloadError(ValueError):
+    """The body is JSON but does not follow the contract (answered 400)."""
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    status: int
+    payload: dict[str, Any]
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------
+# Validation. Everything is validated before anything is applied so that a 400
+# never leaves a half-applied request behind.
+# ---------------------------------------------------------------------------
+
+
+def _require_object(body: Any, what: str) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise PayloadError(f"{what} must be a JSON object")
+    return body
+
+
+def _require_list(obj: dict[str, Any], key: str, what: str) -> list[Any]:
+    value = obj.get(key)
+    if not isinstance(value, list):
+        raise PayloadError(f"{what}: '{key}' must be a list")
+    return value
+
+
+def validate_events(body: Any) -> list[dict[str, Any]]:
+    body = _require_object(body, "body")
+    batches = _require_list(body, "batches", "body")
+    for b_index, batch in enumerate(batches):
+        batch = _require_object(batch, f"batches[{b_index}]")
+        events = _require_list(batch, "events", f"batches[{b_index}]")
+        for e_index, event in enumerate(events):
+            where = f"batches[{b_index}].events[{e_index}]"
+            event = _require_object(event, where)
+            event_id = event.get("id")
+            # The whole point of the end-to-end tests is counting applications per
+            # mParticle event id; an event without one cannot be checked.
+            if isinstance(event_id, bool) or not isinstance(event_id, (str, int)) or event_id == "":
+                raise PayloadError(f"{where}: 'id' must be a non-empty string or an integer")
+    return batches
+
+
+def user_key(user: Any) -> str:
+    """Key a user by mpid, else by the first identity of the first non-empty list."""
+    if not isinstance(user, dict):
+        raise PayloadError("'user' must be a JSON object")
+    mpid = user.get("mpid")
+    if mpid is not None and mpid != "":
+        if isinstance(mpid, bool) or not isinstance(mpid, (str, int)):
+            raise PayloadError("'user.mpid' must be a string, an integer or null")
+        return str(mpid)
+    for list_name in IDENTITY_LISTS:
+        identities = user.get(list_name) or []
+        if not isinstance(identities, list):
+            raise PayloadError(f"'user.{list_name}' must be a list")
+        if identities:
+            first = identities[0]
+            if not isinstance(first, dict) or first.get("type") is None or first.get("value") is None:
+                raise PayloadError(f"'user.{list_name}[0]' must have 'type' and 'value'")
+            return f"{first['type']}:{first['value']}"
+    raise PayloadError("'user' has neither an mpid nor any identity")
+
+
+def validate_member_changes(body: Any) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """Return (action, user key, attribute actions) per change, in list order."""
+    body = _require_object(body, "body")
+    changes = _require_list(body, "changes", "body")
+    parsed = []
+    for index, change in enumerate(changes):
+        where = f"changes[{index}]"
+        change = _require_object(change, where)
+        action = change.get("action")
+        if action not in MEMBER_ACTIONS:
+            raise PayloadError(f"{where}: 'action' must be one of {sorted(MEMBER_ACTIONS)}")
+        try:
+            key = user_key(change.get("user"))
+        except PayloadError as exc:
+            raise PayloadError(f"{where}: {exc}") from None
+        attributes = change.get("attributes") or []
+        if not isinstance(attributes, list):
+            raise PayloadError(f"{where}: 'attributes' must be a list")
+        for a_index, attr in enumerate(attributes):
+            a_where = f"{where}.attributes[{a_index}]"
+            attr = _require_object(attr, a_where)
+            if not isinstance(attr.get("key"), str) or not attr["key"]:
+                raise PayloadError(f"{a_where}: 'key' must be a non-empty string")
+            if attr.get("list_value") is not None and not isinstance(attr["list_value"], list):
+                raise PayloadError(f"{a_where}: 'list_value' must be a list or null")
+            if attr.get("action", "upsert") not in ATTRIBUTE_ACTIONS:
+                raise PayloadError(f"{a_where}: 'action' must be one of {sorted(ATTRIBUTE_ACTIONS)}")
+        parsed.append((action, key, attributes))
+    return parsed
+
+
+def validate_erasure(body: Any) -> dict[str, Any]:
+    body = _require_object(body, "body")
+    identities = _require_list(body, "identities", "body")
+    for index, identity in enumerate(identities):
+        _require_object(identity, f"identities[{index}]")
+    return body
+
+
+def validate_audience(body: Any) -> dict[str, Any]:
+    body = _require_object(body, "body")
+    settings = body.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise PayloadError("'settings' must be a JSON object or null")
+    name = body.get("name")
+    if name is not None and not isinstance(name, str):
+        raise PayloadError("'name' must be a string or null")
+    return body
+
+
+# ---------------------------------------------------------------------------
+# State
+# ---------------------------------------------------------------------------
+
+
+class StubState:
+    def __init__(self, max_requests: int = 20_000) -> None:
+        self.lock = threading.Lock()
+        self.max_requests = max_requests
+        self.clear()
+
+    def clear(self) -> None:
+        """Forget requests, partner state and fault rules. Caller holds the lock (or is __init__)."""
+        # A bounded log so a long benchmark run cannot eat the machine's memory;
+        # seq keeps counting so readers can tell that entries were dropped.
+        self.requests: deque[dict[str, Any]] = deque(maxlen=self.max_requests)
+        self._seq = 0
+        self.rules = []
+        self.events: dict[str, int] = {}
+        self.events_by_key: dict[str, dict[str, int]] = {}
+        self.event_batches = 0
+        self.duplicates = 0
+        self.idempotency_conflicts = 0
+        self.audiences: dict[str, dict[str, Any]] = {}
+        self.members: dict[str, dict[str, dict[str, Any]]] = {}
+        self.erased: list[dict[str, Any]] = []
+        self.idempotency: dict[tuple[str, str, str, str], StoredResponse] = {}
+
+    # --- request log -------------------------------------------------------
+
+    def record(
+        self,
+        method: str,
+        path: str,
+        idempotency_key: str | None,
+        api_key_sha256: str | None,
+        body: Any,
+    ) -> dict[str, Any]:
+        with self.lock:
+            self._seq += 1
+            entry = {
+                "seq": self._seq,
+                "method": method,
+                "path": path,
+                "status": None,  # filled in once answered
+                "idempotency_key": idempotency_key,
+                "api_key_sha256": api_key_sha256,
+                "body": body,
+                "received_at": time.time(),
+                "duplicate": False,
+                "fault": False,
+            }
+            self.requests.append(entry)
+            return entry
+
+    def list_requests(self, path_prefix: str | None, after_seq: int) -> list[dict[str, Any]]:
+        with self.lock:
+            return [
+                dict(entry)
+                for entry in self.requests
+                if entry["seq"] > after_seq and (path_prefix is None or entry["path"].startswith(path_prefix))
+            ]
+
+    # --- faults --------------------------------------------------------------
+
+    def pick_fault(self, method: str, path: str, api_key_sha256: str | None) -> FaultRule | None:
+        with self.lock:
+            for rule in self.rules:
+                if rule.matches(method, path, api_key_sha256) and rule.try_fire():
+                    return rule
+            return None
+
+    def set_rules(self, rules: list[FaultRule]) -> None:
+        with self.lock:
+            self.rules = rules
+
+    def rules_view(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [rule.to_dict() for rule in self.rules]
+
+    # --- idempotency (caller holds the lock) ---------------------------------
+
+    def seen(self, scope: tuple[str, str, str, str], fingerprint: str) -> StoredResponse | None:
+        stored = self.idempotency.get(scope)
+        if stored is None:
+            return None
+        self.duplicates += 1
+        if stored.fingerprint != fingerprint:
+            # The contract says a key is stable for a given payload; a key reused
+            # for a different payload is a relay bug worth surfacing in the state.
+            self.idempotency_conflicts += 1
+        return stored
+
+    def remember(self, scope: tuple[str, str, str, str], response: StoredResponse) -> None:
+        if 200 <= response.status < 300:
+            self.idempotency[scope] = response
+
+    # --- application (caller holds the lock) ---------------------------------
+
+    def apply_events(self, key_sha: str, batches: list[dict[str, Any]]) -> int:
+        per_key = self.events_by_key.setdefault(key_sha, {})
+        accepted = 0
+        for batch in batches:
+            self.event_batches += 1
+            for event in batch["events"]:
+                event_id = str(event["id"])
+                self.events[event_id] = self.events.get(event_id, 0) + 1
+                per_key[event_id] = per_key.get(event_id, 0) + 1
+                accepted += 1
+        return accepted
+
+    def put_audience(self, key_sha: str, audience_id: str, body: dict[str, Any]) -> None:
+        akey = f"{key_sha}:{audience_id}"
+        self.audiences[akey] = {
+            "account_id": body.get("account_id"),
+            "name": body.get("name"),
+            "description": body.get("description"),
+            "settings": body.get("settings") or {},
+            "deleted": False,
+            "implicit": False,
+        }
+        self.members.setdefault(akey, {})
+
+    def delete_audience(self, key_sha: str, audience_id: str) -> None:
+        akey = f"{key_sha}:{audience_id}"
+        audience = self.audiences.get(akey)
+        if audience is None:
+            # Remember the delete even for an audience never seen, so tests can
+            # tell "delete arrived" from "delete never sent".
+            audience = {
+                "account_id": None,
+                "name": None,
+                "description": None,
+                "settings": {},
+                "implicit": True,
+            }
+            self.audiences[akey] = audience
+        audience["deleted"] = True
+        self.members.pop(akey, None)
+
+    def apply_member_changes(
+        self,
+        key_sha: str,
+        audience_id: str,
+        account_id: Any,
+        changes: list[tuple[str, str, list[dict[str, Any]]]],
+    ) -> int:
+        akey = f"{key_sha}:{audience_id}"
+        audience = self.audiences.get(akey)
+        if audience is None or audience["deleted"]:
+            # Membership can outrun the audience's PUT (different queues), so a
+            # partner creates the audience on first sight rather than refusing.
+            previous = audience or {}
+            self.audiences[akey] = {
+                "account_id": previous.get("account_id", account_id),
+                "name": previous.get("name"),
+                "description": previous.get("description"),
+                "settings": previous.get("settings", {}),
+                "deleted": False,
+                "implicit": True,
+            }
+        members = self.members.setdefault(akey, {})
+        for action, ukey, attributes in changes:
+            if action == "add":
+                member = members.setdefault(ukey, {"attributes": {}})
+                _apply_attributes(member["attributes"], attributes)
+            elif action == "delete":
+                members.pop(ukey, None)
+            else:  # update_attributes
+                member = members.get(ukey)
+                # Attributes of a user who is not in the audience have nowhere to
+                # live; a partner would drop them rather than make the user a member.
+                if member is not None:
+                    _apply_attributes(member["attributes"], attributes)
+        return len(changes)
+
+    def erase(self, key_sha: str, body: dict[str, Any]) -> None:
+        self.erased.append(
+            {
+                "request_id": body.get("request_id"),
+                "identities": body["identities"],
+                "regulation": body.get("regulation"),
+                "account_id": body.get("account_id"),
+                "api_key_sha256": key_sha,
+            }
+        )
+
+    # --- views ---------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        with self.lock:
+            return {
+                "events": dict(self.events),
+                "events_by_api_key": {k: dict(v) for k, v in self.events_by_key.items()},
+                "event_batches": self.event_batches,
+                "duplicates": self.duplicates,
+                "idempotency_conflicts": self.idempotency_conflicts,
+                "audiences": {k: dict(v) for k, v in self.audiences.items()},
+                "members": {
+                    akey: {ukey: {"attributes": dict(m["attributes"])} for ukey, m in members.items()}
+                    for akey, members in self.members.items()
+                },
+                "erased": [dict(e) for e in self.erased],
+                "requests_seen": self._seq,
+            }
+
+
+def _apply_attributes(target: dict[str, Any], attributes: list[dict[str, Any]]) -> None:
+    for attr in attributes:
+        if attr.get("action", "upsert") == "delete":
+            target.pop(attr["key"], None)
+        elif attr.get("list_value") is not None:
+            target[attr["key"]] = list(attr["list_value"])
+        else:
+            target[attr["key"]] = attr.get("value")

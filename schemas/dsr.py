@@ -1,0 +1,232 @@
+"""Full validation of `dsr_processing_request` messages (protocol §10).
+
+DSR (data subject requests, e.g. GDPR erasure) follow the OpenDSR request shape
+with the Firehose envelope added. The public record is thin and contradictory
+(§10.1, §14.6), so this parser is deliberately forgiving: the envelope and
+`account` are optional (the SDK fixture omits the envelope; generated samples omit
+`account`), and an unreadable `submitted_time` yields `None` plus a warning rather
+than a rejection — an erasure request must not be dropped over a timestamp format.
+Present-but-wrongly-typed envelope/account fields still raise `MessageInvalid`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+
+from marshmallow import fields
+
+from schemas.fields import (
+    DroppedIdentity,
+    IdentitySchema,
+    LenientSchema,
+    MessageInvalid,
+    SettingsMap,
+    SettingValue,
+    StrictInt,
+    UUIDString,
+    check_message,
+    first_error,
+    load_or_invalid,
+)
+
+__all__ = ["DsrRequest", "MessageInvalid", "parse_dsr", "submitted_time_to_ms"]
+
+MESSAGE_TYPE = "dsr_processing_request"
+
+# Integers above this are milliseconds, below it seconds: 10**11 s is the year 5138,
+# 10**11 ms is 1973, so real timestamps of either unit fall clearly on one side.
+_MS_THRESHOLD = 10**11
+
+# Plain decimal numbers written as strings ("1714592744.067"), read as numbers the way
+# Jackson's InstantDeserializer treats numeric-looking strings.
+_NUMERIC_RE = re.compile(r"-?\d+(\.\d+)?")
+
+# mParticle-specific identity types (mpid, other…other10, …) travel here (§10.1).
+_EXTENSION_KEY = "opendsr.mparticle.com"
+
+
+@dataclass(slots=True)
+class DsrRequest:
+    message_id: str | None
+    account_id: int | None
+    account_settings: dict[str, str | None]
+    request_id: str | None  # subject_request_id
+    request_type: str | None  # subject_request_type, e.g. "erasure" (others tolerated)
+    submitted_time_ms: int | None
+    identities: list[dict[str, str]]  # {type, encoding, value}
+    regulation: str | None
+    api_version: str | None
+    timestamp_ms: int | None = None
+    firehose_version: str | None = None
+    dropped_identities: list[DroppedIdentity] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # e.g. "unparseable:submitted_time"
+
+
+class _DsrAccountSchema(LenientSchema):
+    # Unlike event/audience messages, a DSR account may lack its id (no sample has one).
+    account_id = StrictInt(allow_none=True)
+    account_settings = SettingsMap(allow_none=True)
+
+
+class DsrSchema(LenientSchema):
+    id = UUIDString(allow_none=True)
+    timestamp_ms = StrictInt(allow_none=True)
+    firehose_version = SettingValue(load_default=None)
+    account = fields.Nested(_DsrAccountSchema(), allow_none=True)
+    subject_request_id = fields.String(allow_none=True)
+    subject_request_type = fields.String(allow_none=True)
+    api_version = SettingValue(load_default=None)  # "3.0"; a bare 3.0 number is coerced
+    regulation = fields.String(allow_none=True)
+
+
+_DSR_SCHEMA = DsrSchema()
+_IDENTITY_SCHEMA = IdentitySchema()
+
+
+def _number_to_ms(value: float | Decimal) -> int | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if abs(value) > _MS_THRESHOLD:
+        return int(value)  # already milliseconds
+    millis = Decimal(value) * 1000 if isinstance(value, int) else Decimal(str(value)) * 1000
+    return int(millis.to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def submitted_time_to_ms(value: Any) -> int | None:
+    """Convert a `submitted_time` in any of the §10.1 forms to epoch milliseconds.
+
+    * ISO-8601 string ("2021-11-01T15:00:00Z"; naive times are taken as UTC);
+    * decimal epoch seconds (1714592744.067235), also as a numeric string;
+    * integer: milliseconds if > 10**11, else seconds.
+    The magnitude rule is applied to decimals too, so a decimal millisecond value
+    is not misread as seconds. Returns None if the value cannot be understood.
+    """
+    if value is None or value is True or value is False:
+        return None
+    if type(value) is int or type(value) is float:
+        return _number_to_ms(value)
+    if not isinstance(value, str) or not value.strip():
+        return None
+    text = value.strip()
+    if _NUMERIC_RE.fullmatch(text):
+        # An integer string follows the integer rule, a decimal one the decimal rule.
+        return _number_to_ms(Decimal(text) if "." in text else int(text))
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    # timestamp() is a float; go through integer arithmetic to keep ms exact.
+    delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def _collect_identities(
+    raw: Any,
+    field_name: str,
+    identities: list[dict[str, str]],
+    dropped: list[DroppedIdentity],
+) -> None:
+    """Flatten OpenDSR `subject_identities` into {type, encoding, value} dicts.
+
+    The Firehose form is an object: type → {encoding, value}. OpenDSR 1.0 used a
+    list of {identity_type, identity_value, identity_format}; it is accepted too.
+    A missing `encoding` defaults to "raw", the only encoding DSR allows since 2.9.2.
+    """
+    if raw is None:
+        return
+    if isinstance(raw, dict):
+        entries = [(key, {**item, "type": key} if isinstance(item, dict) else item) for key, item in raw.items()]
+    elif isinstance(raw, list):
+        entries = []
+        for index, item in enumerate(raw):
+            if isinstance(item, dict):
+                item = {
+                    "type": item.get("type", item.get("identity_type")),
+                    "encoding": item.get("encoding", item.get("identity_format")),
+                    "value": item.get("value", item.get("identity_value")),
+                }
+            entries.append((index, item))
+    else:
+        raise MessageInvalid({field_name: ["Not a valid mapping type."]})
+
+    seen = {(i["type"], i["encoding"], i["value"]) for i in identities}
+    for position, (where, item) in enumerate(entries):
+        if not isinstance(item, dict):
+            dropped.append(
+                DroppedIdentity(
+                    f"{field_name}.{where}",
+                    position,
+                    "invalid:identity",
+                    "Not an object.",
+                )
+            )
+            continue
+        if item.get("encoding") is None:
+            item = {**item, "encoding": "raw"}
+        errors = _IDENTITY_SCHEMA.validate(item)
+        if errors:
+            path, detail = first_error(errors)
+            dropped.append(DroppedIdentity(f"{field_name}.{where}", position, f"invalid:{path}", detail))
+            continue
+        identity = {
+            "type": item["type"],
+            "encoding": item["encoding"],
+            "value": item["value"],
+        }
+        key = (identity["type"], identity["encoding"], identity["value"])
+        if key not in seen:
+            seen.add(key)
+            identities.append(identity)
+
+
+def parse_dsr(message: dict[str, Any]) -> DsrRequest:
+    """Validate a `dsr_processing_request`; raise `MessageInvalid` on wrong types.
+
+    `identities` holds the standard `subject_identities` followed by the
+    mParticle-specific ones from `extensions["opendsr.mparticle.com"]`
+    (de-duplicated): for an erasure, every identifier we are given is useful.
+    """
+    check_message(message, MESSAGE_TYPE)
+    data = load_or_invalid(_DSR_SCHEMA, message)
+
+    identities: list[dict[str, str]] = []
+    dropped: list[DroppedIdentity] = []
+    _collect_identities(message.get("subject_identities"), "subject_identities", identities, dropped)
+    extensions = message.get("extensions")
+    if isinstance(extensions, dict) and isinstance(extensions.get(_EXTENSION_KEY), dict):
+        _collect_identities(
+            extensions[_EXTENSION_KEY].get("subject_identities"),
+            f"extensions.{_EXTENSION_KEY}.subject_identities",
+            identities,
+            dropped,
+        )
+
+    warnings: list[str] = []
+    raw_time = message.get("submitted_time")
+    submitted = submitted_time_to_ms(raw_time)
+    if submitted is None and raw_time is not None:
+        warnings.append("unparseable:submitted_time")
+
+    account = data.get("account") or {}
+    return DsrRequest(
+        message_id=data.get("id"),
+        account_id=account.get("account_id"),
+        account_settings=account.get("account_settings") or {},
+        request_id=data.get("subject_request_id"),
+        request_type=data.get("subject_request_type"),
+        submitted_time_ms=submitted,
+        identities=identities,
+        regulation=data.get("regulation"),
+        api_version=data.get("api_version"),
+        timestamp_ms=data.get("timestamp_ms"),
+        firehose_version=data.get("firehose_version"),
+        dropped_identities=dropped,
+        warnings=warnings,
+    )

@@ -1,0 +1,30 @@
+"""The Flask web service: the app factory."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from common.config import Settings
+from workers.celery_app import celery_init_app
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("firehose_relay")
+    app.config["SETTINGS"] = settings
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Fail closed on the body size for form parsing too; we never read forms.
+    app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
+
+    from service import errors, firehose, health
+    from service.ingest import ingest
+
+    ingest.init_app(app)
+    errors.register_error_handlers(app)
+    app.register_blueprint(firehose.bp)
+    app.register_blueprint(health.bp)
+    celery_init_app(app)
+    logging.getLogger(__name__).info("app_created", extra={"event": "app_created"})
+    return app

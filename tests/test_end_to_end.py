@@ -1,0 +1,174 @@
+"""The whole path with real parts: gunicorn, Redis, a Celery worker and the partner stub.
+
+No mocks: every message goes over loopback HTTP into the web, through Redis and Celery,
+and out over HTTP to the stub, whose own records are what the tests check.
+"""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+import pytest
+import redis as redis_lib
+import requests
+
+from common.keys import Keys
+from schemas.messages import RESPONSES
+from tests.support import SAMPLES, Proc, Stub, sample, wait_for
+from workers import dead_letters
+
+AUTH = {"Authorization": "Token test-token"}
+
+
+def post(web: str, body: bytes, headers: dict[str, str] | None = None) -> requests.Response:
+    return requests.post(f"{web}/firehose", data=body, headers=headers or AUTH, timeout=10)
+
+
+def fresh(version: str, name: str) -> dict:
+    """A sample with a new message id, so earlier tests' dedupe keys do not swallow it."""
+    message = orjson.loads(sample(version, name))
+    message["id"] = str(uuid.uuid4())
+    return message
+
+
+def all_samples() -> list[Path]:
+    return sorted(SAMPLES.glob("*/*.json"))
+
+
+def test_every_shared_sample_gets_the_right_answer(web: str) -> None:
+    files = all_samples()
+    assert len(files) >= 180, f"expected the shared samples at {SAMPLES}"
+    for path in files:
+        body = path.read_bytes()
+        response = post(web, body)
+        assert response.headers["Content-Type"].startswith("application/json"), path
+        try:
+            kind = orjson.loads(body).get("type")
+        except orjson.JSONDecodeError:
+            assert response.status_code == 400, path
+            assert response.json()["error"]["code"] == "invalid_json"
+            continue
+        if kind in RESPONSES:
+            expected_type, expected_status = RESPONSES[kind]
+            assert response.status_code == expected_status, f"{path}: {response.text}"
+            answer = response.json()
+            assert answer["type"] == expected_type
+            assert {"id", "timestamp_ms", "firehose_version"} <= set(answer)
+        else:
+            assert response.status_code == 400, path
+            assert response.json()["error"]["code"] == "unsupported_type"
+
+
+@pytest.fixture
+def partner(worker: Proc, stub: Stub, redis_client: redis_lib.Redis) -> Stub:
+    """The stub, reset once the worker has finished with what earlier tests queued."""
+    wait_for(lambda: queues_drained(redis_client), 60, what="earlier work to drain")
+    stub.reset()
+    return stub
+
+
+def queues_drained(client: redis_lib.Redis) -> bool:
+    """Nothing waiting in the inbox, in Celery's queue, or held unacknowledged by a worker."""
+    return client.xlen(Keys("fr").inbox) == 0 and client.llen("firehose") == 0 and client.hlen("unacked") == 0
+
+
+def event_ids(message: dict) -> list[str]:
+    return [event["id"] for event in message["events"]]
+
+
+@pytest.mark.parametrize("name", ["EventProcessingRequest_ios.json", "EventProcessingRequest_android.json"])
+def test_sample_events_arrive_at_the_partner(web: str, partner: Stub, name: str) -> None:
+    message = fresh("3.2.0", name)
+    assert post(web, orjson.dumps(message)).status_code == 202
+
+    events = wait_for(
+        lambda: all(i in partner.state()["events"] for i in event_ids(message)) and partner.state()["events"],
+        timeout=30,
+        what="the sample's events at the stub",
+    )
+    assert {i: events[i] for i in event_ids(message)} == {i: 1 for i in event_ids(message)}
+    [call] = partner.requests("/v1/events")
+    assert call["status"] == 202
+    [batch] = call["body"]["batches"]
+    assert batch["message_id"] == message["id"]
+    assert batch["user"]["mpid"] == message["mpid"]
+    assert batch["events"] == message["events"]
+    # The customer's apiKey travels as the bearer token, and is not in the payload.
+    assert "sample API Key" not in orjson.dumps(call["body"]).decode()
+
+
+def test_big_integers_and_production_quirks_arrive_intact(web: str, partner: Stub) -> None:
+    message = fresh("observed", "EventProcessingRequest_iterable_production_2.2.0.json")
+    message["account"]["account_settings"]["apiKey"] = "observed-key"
+    message["events"][0]["session_id"] = -(2**63)
+    assert post(web, orjson.dumps(message)).status_code == 202
+    wait_for(lambda: partner.requests("/v1/events"), 30, what="the batch at the stub")
+    [call] = partner.requests("/v1/events")
+    [batch] = call["body"]["batches"]
+    assert batch["events"][0]["session_id"] == -(2**63)
+    assert batch["user"]["mpid"] == message["mpid"]
+
+
+def test_mparticle_retries_are_delivered_once(web: str, partner: Stub, redis_client: redis_lib.Redis) -> None:
+    message = fresh("3.2.0", "EventProcessingRequest_ios.json")
+    body = orjson.dumps(message)
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: post(web, body).status_code, range(16)))
+    assert statuses == [202] * 16
+    wait_for(lambda: partner.requests("/v1/events"), 30, what="the batch at the stub")
+    # Count only once nothing is left anywhere that could still turn into a second call.
+    wait_for(lambda: queues_drained(redis_client), 30, what="the queues to drain")
+    assert len(partner.requests("/v1/events")) == 1
+    assert all(partner.state()["events"][i] == 1 for i in event_ids(message))
+
+
+def test_transient_failures_are_retried_with_the_same_key(web: str, partner: Stub) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": 503, "times": 2}])
+    message = fresh("3.2.0", "EventProcessingRequest_android.json")
+    assert post(web, orjson.dumps(message)).status_code == 202
+    wait_for(
+        lambda: any(r["status"] == 202 for r in partner.requests("/v1/events")),
+        30,
+        what="delivery after two 503s",
+    )
+    calls = partner.requests("/v1/events")
+    assert [c["status"] for c in calls] == [503, 503, 202]
+    assert len({c["idempotency_key"] for c in calls}) == 1
+    assert all(partner.state()["events"][i] == 1 for i in event_ids(message))
+
+
+def test_permanent_rejection_is_dead_lettered_then_replayed(
+    web: str, partner: Stub, redis_client: redis_lib.Redis
+) -> None:
+    keys = Keys("fr")
+    partner.faults([{"path_prefix": "/v1/events", "status": 400, "times": 1}])
+    message = fresh("3.2.0", "EventProcessingRequest_ios.json")
+    assert post(web, orjson.dumps(message)).status_code == 202
+    letter = wait_for(lambda: dead_letters.get(redis_client, keys, message["id"]), 30, what="the dead letter")
+    assert letter.reason == "partner_rejected"
+    assert letter.last_status == 400
+    assert letter.attempts == 1
+    assert "sample API Key" not in orjson.dumps(letter.summary()).decode()
+    assert len(partner.requests("/v1/events")) == 1
+
+    assert dead_letters.replay(redis_client, keys, message["id"])
+    wait_for(lambda: all(i in partner.state()["events"] for i in event_ids(message)), 30, what="the replay")
+    assert dead_letters.get(redis_client, keys, message["id"]) is None
+
+
+def test_audience_samples_reach_the_partner(web: str, partner: Stub) -> None:
+    subscription = fresh("3.2.0", "AudienceSubscriptionRequest.json")
+    assert post(web, orjson.dumps(subscription)).status_code == 200
+    wait_for(lambda: partner.requests("/v1/audiences"), 30, what="the audience upsert")
+    [call] = partner.requests("/v1/audiences")
+    assert (call["method"], call["path"]) == ("PUT", "/v1/audiences/1234")
+
+    membership = fresh("3.2.0", "AudienceMembershipChangeRequest.json")
+    membership["account"]["account_settings"]["apiKey"] = "sample API Key"
+    assert post(web, orjson.dumps(membership)).status_code == 200
+    wait_for(lambda: len(partner.requests("/v1/audiences")) >= 4, 30, what="the member changes")
+    paths = sorted(c["path"] for c in partner.requests("/v1/audiences") if c["method"] == "POST")
+    assert paths == ["/v1/audiences/456/members", "/v1/audiences/654/members", "/v1/audiences/789/members"]

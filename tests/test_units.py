@@ -1,0 +1,210 @@
+"""Unit tests of the plain functions behind the endpoint and the delivery."""
+
+from __future__ import annotations
+
+import ssl
+import time
+from email.utils import formatdate
+
+import orjson
+import pytest
+
+from common.config import Settings
+from common.keys import Keys
+from common.redaction import REDACTED, redact_message
+from common.redis_conn import tls_options
+from service.auth import token_is_valid
+from tests.support import sample
+from workers.mapping import PermanentFailure, plan_message
+from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, EVENTS, MEMBERS, Operation, classify
+from workers.partner.reference import parse_retry_after
+from workers.runtime import Runtime
+from workers.tasks import backoff_seconds
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [
+        ("Token a", True),
+        ("token b", True),
+        ("Token  a ", True),
+        ("Token c", False),
+        ("Bearer a", False),
+        ("Token", False),
+        ("", False),
+        (None, False),
+        ("Token a,b", False),
+    ],
+)
+def test_token_check(header: str | None, ok: bool) -> None:
+    assert token_is_valid(header, ("a", "b")) is ok
+
+
+def test_no_configured_token_lets_everything_in() -> None:
+    assert token_is_valid(None, ()) is True
+
+
+def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FIREHOSE_AUTH_TOKEN", " one, two ,,")
+    monkeypatch.setenv("MAX_BODY_BYTES", "1000")
+    monkeypatch.setenv("REDIS_URL", "redis://example:6379/3")
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    settings = Settings.from_env()
+    assert settings.auth_tokens == ("one", "two")
+    assert settings.max_body_bytes == 1000
+    assert settings.broker_url == "redis://example:6379/3"
+    assert "one" not in repr(settings) and settings.public()["auth_tokens"] == 2
+
+
+def test_tls_options_from_url() -> None:
+    assert tls_options("redis://h:6379") == {}
+    assert tls_options("rediss://h:6379") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    assert tls_options("rediss://h:6379?ssl_cert_reqs=none") == {"ssl_cert_reqs": ssl.CERT_NONE}
+    assert tls_options("rediss://h:6379?ssl_cert_reqs=CERT_NONE") == {"ssl_cert_reqs": ssl.CERT_NONE}
+
+
+@pytest.mark.parametrize(
+    ("status", "outcome"),
+    [
+        (200, "ok"),
+        (202, "ok"),
+        (204, "ok"),
+        (408, "transient"),
+        (429, "transient"),
+        (500, "transient"),
+        (503, "transient"),
+        (504, "transient"),
+        (None, "transient"),
+        (301, "permanent"),
+        (400, "permanent"),
+        (401, "permanent"),
+        (404, "permanent"),
+        (422, "permanent"),
+    ],
+)
+def test_classify(status: int | None, outcome: str) -> None:
+    assert classify(status) == outcome
+
+
+def test_retry_after_forms() -> None:
+    now = time.time()
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(" 120 ") == 120.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("-5") is None
+    date = formatdate(now + 30, usegmt=True)
+    assert 28 <= parse_retry_after(date, now=now) <= 31
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+
+
+class _Rt:
+    def __init__(self, **changes: object) -> None:
+        import dataclasses
+
+        self.settings = dataclasses.replace(Settings(), **changes)
+
+
+def test_backoff_is_bounded_and_honours_retry_after() -> None:
+    rt: Runtime = _Rt(retry_backoff_base=1.0, retry_backoff_max=30.0, broker_visibility_timeout=3600)  # type: ignore[assignment]
+    for attempt in range(1, 12):
+        for _ in range(50):
+            delay = backoff_seconds(attempt, rt)
+            assert 0 <= delay <= min(30.0, 2 ** (attempt - 1))
+    assert backoff_seconds(1, rt, retry_after=7) >= 7
+    # Never past the cap, whatever the partner asks.
+    assert backoff_seconds(1, rt, retry_after=10**9) == 30.0
+
+
+def test_backoff_stays_under_the_visibility_timeout() -> None:
+    rt: Runtime = _Rt(retry_backoff_max=10_000.0, broker_visibility_timeout=60)  # type: ignore[assignment]
+    assert all(backoff_seconds(20, rt, retry_after=500) <= 30 for _ in range(20))
+
+
+def test_redaction_hides_every_setting_value() -> None:
+    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+    redacted = redact_message(message)
+    assert set(redacted["account"]["account_settings"].values()) == {REDACTED}
+    assert "sample API Key" not in orjson.dumps(redacted).decode()
+    assert redacted["events"] == message["events"]
+    nested = redact_message({"user_profiles": [{"audiences": [{"audience_subscription_settings": {"k": "v"}}]}]})
+    assert nested["user_profiles"][0]["audiences"][0]["audience_subscription_settings"] == {"k": REDACTED}
+
+
+def test_idempotency_key_is_stable_and_specific() -> None:
+    op = Operation(EVENTS, {"b": 1, "a": [1, 2]}, "key", message_id="m1")
+    same = Operation(EVENTS, {"a": [1, 2], "b": 1}, "other-key", message_id="m1")
+    other_message = Operation(EVENTS, {"a": [1, 2], "b": 1}, "key", message_id="m2")
+    assert op.idempotency_key() == same.idempotency_key()
+    assert op.idempotency_key() != other_message.idempotency_key()
+    assert "key" not in repr(op)
+
+
+def test_event_plan_keeps_ids_and_leaves_settings_out() -> None:
+    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+    plan = plan_message(message)
+    [op] = plan.operations
+    assert op.kind == EVENTS and op.api_key == "sample API Key"
+    [batch] = op.payload["batches"]
+    assert [e["id"] for e in batch["events"]] == [e["id"] for e in message["events"]]
+    assert batch["user"]["mpid"] == message["mpid"]
+    assert batch["device"]["type"] == "ios" and "identities" not in batch["device"]
+    assert batch["user"]["device_identities"] == message["runtime_environment"]["identities"]
+    assert "sample API Key" not in orjson.dumps(op.payload).decode()
+
+
+def test_event_plan_skips_bad_events_and_counts_them() -> None:
+    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+    message["events"].append({"type": "hologram", "id": "3f1b3c3e-0000-4000-8000-000000000000", "timestamp_ms": 1})
+    message["events"].append({"type": "custom_event", "id": "3f1b3c3e-0000-4000-8000-000000000001"})
+    plan = plan_message(message)
+    assert len(plan.operations[0].payload["batches"][0]["events"]) == 2
+    assert plan.skipped == {"unknown_type": 1, "invalid:timestamp_ms": 1}
+
+
+def test_batch_of_only_bad_events_plans_nothing() -> None:
+    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+    message["events"] = [{"type": "hologram", "id": "3f1b3c3e-0000-4000-8000-000000000000", "timestamp_ms": 1}]
+    assert plan_message(message).operations == []
+
+
+def test_missing_api_key_is_permanent() -> None:
+    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+    del message["account"]["account_settings"]["apiKey"]
+    with pytest.raises(PermanentFailure) as info:
+        plan_message(message)
+    assert info.value.reason == "missing_api_key"
+
+
+def test_subscription_plans() -> None:
+    message = orjson.loads(sample("3.2.0", "AudienceSubscriptionRequest.json"))
+    [op] = plan_message(message).operations
+    assert (op.kind, op.audience_id) == (AUDIENCE_UPSERT, 1234)
+    assert op.payload["name"] == "New Users Low Engagement"
+    message["action"] = "remove"
+    [op] = plan_message(message).operations
+    assert (op.kind, op.audience_id) == (AUDIENCE_DELETE, 1234)
+
+
+def test_membership_plan_groups_changes_by_audience() -> None:
+    message = orjson.loads(sample("3.2.0", "AudienceMembershipChangeRequest.json"))
+    message["account"]["account_settings"]["apiKey"] = "k"
+    ops = plan_message(message).operations
+    assert [(op.kind, op.audience_id) for op in ops] == [(MEMBERS, 456), (MEMBERS, 654), (MEMBERS, 789)]
+    actions = {op.audience_id: [c["action"] for c in op.payload["changes"]] for op in ops}
+    assert actions == {456: ["add"], 654: ["delete"], 789: ["update_attributes"]}
+    assert ops[0].payload["changes"][0]["user"]["mpid"] == "12345"
+    assert ops[0].payload["changes"][0]["timestamp_ms"] == message["timestamp_ms"]
+
+
+def test_old_membership_format_plans_adds_and_deletes() -> None:
+    message = orjson.loads(sample("1.x-unversioned", "AudienceMembershipChangeRequest.json"))
+    message["account"]["account_settings"]["apiKey"] = "k"
+    ops = plan_message(message).operations
+    actions = sorted(c["action"] for op in ops for c in op.payload["changes"])
+    assert "add" in actions and "delete" in actions
+
+
+def test_keys_are_prefixed() -> None:
+    keys = Keys("p")
+    assert keys.inbox == "p:inbox" and keys.seen("x") == "p:seen:x" and keys.delivered("k") == "p:delivered:k"

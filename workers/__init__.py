@@ -1,0 +1,1 @@
+"""Celery workers: the inbox pump, the delivery tasks and the partner clients."""

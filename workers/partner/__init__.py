@@ -1,0 +1,1 @@
+"""Partner clients: the interface and the reference client for docs/partner-api.md."""
