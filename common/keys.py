@@ -39,6 +39,11 @@ class Keys:
         return f"{self.prefix}:stats:skipped"
 
     @property
+    def partner_latency(self) -> str:
+        """Hash: a histogram of partner call latency (see common/stats.py)."""
+        return f"{self.prefix}:stats:partner_latency"
+
+    @property
     def stats(self) -> str:
         """Hash of delivery counters (delivered, retried, dead_lettered...)."""
         return f"{self.prefix}:stats:delivery"

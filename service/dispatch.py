@@ -1,0 +1,97 @@
+"""What a Firehose message gets: the checks, the enqueue and the answer, for any transport.
+
+The HTTP view (service/firehose.py) and the Lambda handler (service/lambda_handler.py) both
+call `dispatch`, so a message is treated the same whichever way mParticle sends it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from marshmallow import ValidationError
+
+from schemas.envelope import load_envelope
+from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_TYPES, RESPONSES
+from schemas.responses import response_envelope
+from service.errors import ApiError
+from service.ingest import Ingest, IngestUnavailable
+from service.registration import registration_response
+
+log = logging.getLogger(__name__)
+
+
+def parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        # orjson also refuses invalid UTF-8, NaN/Infinity, integers beyond 64 bits and
+        # nesting deeper than 1024, so none of those gets further than this.
+        raise ApiError(400, "invalid_json", f"Body is not valid JSON: {exc.msg}.") from None
+
+
+def _has_work(kind: str, message: dict[str, Any]) -> bool:
+    """False for verification traffic, which gets a normal answer and is not queued."""
+    if kind == EVENTS:
+        return _non_empty_list(message, "events")
+    if kind == MEMBERSHIP:
+        return _non_empty_list(message, "user_profiles")
+    return True
+
+
+def _non_empty_list(message: dict[str, Any], field: str) -> bool:
+    value = message.get(field)
+    if value is not None and not isinstance(value, list):
+        raise ApiError(400, "invalid_envelope", "Invalid message envelope.", {field: ["Not a valid list."]})
+    return bool(value)
+
+
+def _response_fields(kind: str) -> dict[str, Any]:
+    if kind == MEMBERSHIP:
+        return {"suspend_subscription": False}
+    return {}
+
+
+def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> tuple[int, dict[str, Any]]:
+    """(status, response message) for a parsed message whose raw bytes are `body`.
+
+    Raises ApiError for anything that is not a 2xx.
+    """
+    kind = message.get("type") if isinstance(message, dict) else None
+    # Registration must work without a token: mParticle needs its answer before it can issue one.
+    if not authorized and kind != REGISTRATION:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "Missing or wrong 'Authorization: Token <token>' header.",
+            headers={"WWW-Authenticate": "Token"},
+        )
+    if kind in RESPONSE_TYPES:
+        raise ApiError(400, "unsupported_type", f"'{kind}' is a response type; send a request.")
+    if isinstance(kind, str) and kind not in REQUEST_TYPES:
+        raise ApiError(400, "unknown_type", f"Unknown message type '{kind[:100]}'.")
+    try:
+        envelope = load_envelope(message)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_envelope", "Invalid message envelope.", exc.messages_dict) from None
+
+    if kind == REGISTRATION:
+        return 200, registration_response()
+
+    response_type, status = RESPONSES[kind]
+    if _has_work(kind, message):
+        message_id = envelope.get("id")
+        try:
+            ingest.accept(message_id, kind, body)
+        except IngestUnavailable as exc:
+            log.warning(
+                "ingest_unavailable message_id=%s error=%s",
+                message_id,
+                exc,
+                extra={"event": "ingest_unavailable", "message_id": message_id, "error": str(exc)},
+            )
+            raise ApiError(
+                503, "unavailable", "Could not store the message; retry later.", headers={"Retry-After": "1"}
+            ) from None
+    return status, response_envelope(response_type, **_response_fields(kind))
