@@ -41,7 +41,18 @@ class Settings:
     retry_max_attempts: int = 8
     retry_backoff_base: float = 2.0
     retry_backoff_max: float = 600.0
+    retry_max_age_seconds: int = 86400
+    # A hostile or broken Retry-After must not park an API key for days.
+    retry_after_max_seconds: float = 600.0
     broker_visibility_timeout: int = 3600
+    # Calls per period to the partner, per API key, across every worker: "50/second", "600/minute".
+    partner_rate_limit: str = "50/second"
+    # Added to the rate-limit period: a call decided at the edge of a window can reach the
+    # partner a little later than another, and the partner counts by arrival.
+    rate_limit_margin_ms: int = 50
+    # A wait up to this long for the rate limit is slept in the worker; longer ones go to the
+    # retry schedule, so no worker is parked for long.
+    rate_limit_max_inline_wait_seconds: float = 1.0
     pump_batch_size: int = 200
     pump_block_ms: int = 500
     pump_claim_idle_ms: int = 30000
@@ -62,6 +73,13 @@ class Settings:
             retry_max_attempts=_int("RETRY_MAX_ATTEMPTS", cls.retry_max_attempts),
             retry_backoff_base=_float("RETRY_BACKOFF_BASE", cls.retry_backoff_base),
             retry_backoff_max=_float("RETRY_BACKOFF_MAX", cls.retry_backoff_max),
+            retry_max_age_seconds=_int("RETRY_MAX_AGE_SECONDS", cls.retry_max_age_seconds),
+            retry_after_max_seconds=_float("RETRY_AFTER_MAX_SECONDS", cls.retry_after_max_seconds),
+            partner_rate_limit=_str("PARTNER_RATE_LIMIT", cls.partner_rate_limit),
+            rate_limit_margin_ms=_int("RATE_LIMIT_MARGIN_MS", cls.rate_limit_margin_ms),
+            rate_limit_max_inline_wait_seconds=_float(
+                "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", cls.rate_limit_max_inline_wait_seconds
+            ),
             broker_visibility_timeout=_int("BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout),
             pump_batch_size=_int("PUMP_BATCH_SIZE", cls.pump_batch_size),
             pump_block_ms=_int("PUMP_BLOCK_MS", cls.pump_block_ms),

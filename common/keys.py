@@ -17,6 +17,19 @@ class Keys:
         """Stream of accepted messages not yet handed to a delivery task."""
         return f"{self.prefix}:inbox"
 
+    @property
+    def retry_schedule(self) -> str:
+        """Sorted set of retries by due time; the pump moves due ones back to the inbox."""
+        return f"{self.prefix}:retry"
+
+    def rate(self, partner_key: str) -> str:
+        """The rate-limit window of one partner API key (named by its hash)."""
+        return f"{self.prefix}:rate:{partner_key}"
+
+    def pause(self, partner_key: str) -> str:
+        """Until when (ms) one partner API key is paused after a 429 with Retry-After."""
+        return f"{self.prefix}:pause:{partner_key}"
+
     def seen(self, message_id: str) -> str:
         """Marks a message id as accepted, so a retry from mParticle is not queued twice."""
         return f"{self.prefix}:seen:{message_id}"
