@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test lint fmt clean
+.PHONY: install up test lint lint-deploy fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,9 +20,14 @@ up: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
-lint: $(STAMP)
+lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+## The Dockerfile under hadolint, then the compose, Procfile and ECS commands against what the image holds.
+lint-deploy: $(STAMP)
+	$(VENV)/bin/hadolint --failure-threshold style Dockerfile
+	$(PY) -m devtools.check_deploy
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format .

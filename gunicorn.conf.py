@@ -1,6 +1,18 @@
 """Gunicorn settings, from the environment so Heroku, ECS and compose set them the same way."""
 
 import os
+import shutil
+import sys
+import tempfile
+import traceback
+from datetime import timedelta
+from glob import glob
+
+from gunicorn.glogging import Logger
+
+# The project root is on sys.path here: gunicorn changes to it before reading this file.
+from common.config import Settings
+from common.logging_setup import configure_logging, decorate
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -16,3 +28,88 @@ loglevel = os.environ.get("LOG_LEVEL", "info").lower()
 # Gunicorn's control socket defaults to one path under $HOME: two servers on one host (tests,
 # a dev stack) would fight over it, and nothing here uses it.
 control_socket_disable = True
+
+# --- Logs: JSON lines, redacted (common/logging_setup.py) ------------------------------------
+
+
+class RelayLogger(Logger):
+    """Gunicorn's error and access logs in the app's format and redaction; the root logger too.
+
+    The access line is built from chosen fields only: the path without its query string,
+    and no request header but the user agent, so no token or Authorization value can reach it.
+    """
+
+    def setup(self, cfg: object) -> None:
+        super().setup(cfg)
+        secrets = Settings.from_env().auth_tokens
+        for log in (self.error_log, self.access_log):
+            for handler in log.handlers:
+                decorate(handler, "web", secrets)
+        configure_logging("web", self.loglevel, secrets)
+
+    def access(self, resp: object, req: object, environ: dict, request_time: timedelta) -> None:
+        if not self.access_log_enabled:
+            return
+        try:
+            status = getattr(resp, "status_code", None)
+            headers = getattr(resp, "headers", None) or []
+            method = environ.get("REQUEST_METHOD", "-")
+            path = environ.get("PATH_INFO", "-")
+            self.access_log.info(
+                "%s %s %s",
+                method,
+                path,
+                status,
+                extra={
+                    "event": "http_access",
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(request_time.total_seconds() * 1000, 3),
+                    "bytes": getattr(resp, "sent", None),
+                    "remote_addr": environ.get("REMOTE_ADDR"),
+                    "user_agent": (environ.get("HTTP_USER_AGENT") or "")[:200] or None,
+                    "request_id": next((v for k, v in headers if k.lower() == "x-request-id"), None),
+                },
+            )
+        except Exception:  # noqa: BLE001 - a log line must never fail a request
+            self.error(traceback.format_exc())
+
+
+logger_class = RelayLogger
+
+# --- Metrics: prometheus_client multi-process mode (service/metrics.py) ----------------------
+# Each worker process writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and a scrape
+# sums them all. prometheus_client reads the variable when it is imported, so it is settled
+# when the server starts, before any worker loads the app (never at config load: `gunicorn
+# --check-config` must not leave directories behind). Unset, or inherited from an older
+# master during a USR2 upgrade, this master makes a private directory and removes it at exit.
+_MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
+_PRIVATE = "FIREHOSE_PRIVATE_METRICS_DIR"
+
+
+def on_starting(server: object) -> None:
+    owner = os.environ.get(_PRIVATE, "").partition(":")[0]
+    if not os.environ.get(_MULTIPROC) or (owner and owner != str(os.getpid())):
+        os.environ[_MULTIPROC] = tempfile.mkdtemp(prefix="firehose-metrics-")
+        os.environ[_PRIVATE] = f"{os.getpid()}:{os.environ[_MULTIPROC]}"
+    directory = os.environ[_MULTIPROC]
+    os.makedirs(directory, exist_ok=True)
+    # Files a previous server left behind would be added to this one's counters.
+    for stale in glob(os.path.join(directory, "*.db")):
+        os.remove(stale)
+    if "prometheus_client" in sys.modules:
+        # preload_app imported the app before this hook: each worker would count alone.
+        server.log.warning("prometheus_client was imported before on_starting; /metrics will not sum workers")
+
+
+def child_exit(server: object, worker: object) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: object) -> None:
+    owner, _, directory = os.environ.get(_PRIVATE, "").partition(":")
+    if owner == str(os.getpid()) and directory == os.environ.get(_MULTIPROC):
+        shutil.rmtree(directory, ignore_errors=True)

@@ -20,6 +20,17 @@ def _str(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
 
 
+SSL_CERT_REQS = ("required", "optional", "none")
+
+
+def redis_ssl_cert_reqs_from_env() -> str:
+    """REDIS_SSL_CERT_REQS, checked: a typo must stop the process, not quietly change TLS."""
+    value = _str("REDIS_SSL_CERT_REQS", "required").lower()
+    if value not in SSL_CERT_REQS:
+        raise ValueError(f"REDIS_SSL_CERT_REQS must be one of {', '.join(SSL_CERT_REQS)}, not {value!r}")
+    return value
+
+
 def _tokens(raw: str) -> tuple[str, ...]:
     # A comma-separated list lets an operator rotate the inbound token without downtime.
     return tuple(t.strip() for t in raw.split(",") if t.strip())
@@ -30,6 +41,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     # Where Celery keeps its queues; defaults to REDIS_URL.
     broker_url: str = ""
+    # Certificate check for rediss:// URLs that do not say (?ssl_cert_reqs=...): Heroku Redis
+    # gives a bare rediss:// URL with a self-signed certificate, so it needs "none" from here.
+    redis_ssl_cert_reqs: str = "required"
     auth_tokens: tuple[str, ...] = field(default=(), repr=False)
     partner_api_url: str = "http://127.0.0.1:9400"
     max_body_bytes: int = 5 * 1024 * 1024
@@ -44,7 +58,11 @@ class Settings:
     retry_max_age_seconds: int = 86400
     # A hostile or broken Retry-After must not park an API key for days.
     retry_after_max_seconds: float = 600.0
-    broker_visibility_timeout: int = 3600
+    # Tasks never wait in a worker (retries go to the retry schedule), so this only has to
+    # outlast the longest delivery: a task held longer by a dead worker is handed to another.
+    broker_visibility_timeout: int = 900
+    # How often each worker looks for such tasks.
+    broker_restore_interval_seconds: int = 10
     # Calls per period to the partner, per API key, across every worker: "50/second", "600/minute".
     partner_rate_limit: str = "50/second"
     # Added to the rate-limit period: a call decided at the edge of a window can reach the
@@ -54,6 +72,11 @@ class Settings:
     # retry schedule, so no worker is parked for long.
     rate_limit_max_inline_wait_seconds: float = 1.0
     pump_batch_size: int = 200
+    # Cookie sync: where /cookie-sync may send the browser back to, which macro in mParticle's
+    # redirect URL takes the partner id, and the partner's first-party id cookie.
+    cookie_sync_allowed_hosts: tuple[str, ...] = ("pixels.mparticle.com",)
+    cookie_sync_macro: str = "%%partner_id%%"
+    cookie_sync_cookie: str = "fr_uid"
     pump_block_ms: int = 500
     pump_claim_idle_ms: int = 30000
 
@@ -63,6 +86,7 @@ class Settings:
         return cls(
             redis_url=redis_url,
             broker_url=_str("CELERY_BROKER_URL", redis_url),
+            redis_ssl_cert_reqs=redis_ssl_cert_reqs_from_env(),
             auth_tokens=_tokens(os.environ.get("FIREHOSE_AUTH_TOKEN", "")),
             partner_api_url=_str("PARTNER_API_URL", cls.partner_api_url).rstrip("/"),
             max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
@@ -81,7 +105,14 @@ class Settings:
                 "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", cls.rate_limit_max_inline_wait_seconds
             ),
             broker_visibility_timeout=_int("BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout),
+            broker_restore_interval_seconds=_int(
+                "BROKER_RESTORE_INTERVAL_SECONDS", cls.broker_restore_interval_seconds
+            ),
             pump_batch_size=_int("PUMP_BATCH_SIZE", cls.pump_batch_size),
+            cookie_sync_allowed_hosts=_tokens(os.environ.get("COOKIE_SYNC_ALLOWED_HOSTS", ""))
+            or cls.cookie_sync_allowed_hosts,
+            cookie_sync_macro=_str("COOKIE_SYNC_MACRO", cls.cookie_sync_macro),
+            cookie_sync_cookie=_str("COOKIE_SYNC_COOKIE", cls.cookie_sync_cookie),
             pump_block_ms=_int("PUMP_BLOCK_MS", cls.pump_block_ms),
             pump_claim_idle_ms=_int("PUMP_CLAIM_IDLE_MS", cls.pump_claim_idle_ms),
         )

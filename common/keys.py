@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 # The consumer group the workers read the inbox with.
 INBOX_GROUP = "relay"
+
+
+def partner_key(api_key: str) -> str:
+    """Names a partner API key in Redis keys and logs without revealing it."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,18 @@ class Keys:
     def pause(self, partner_key: str) -> str:
         """Until when (ms) one partner API key is paused after a 429 with Retry-After."""
         return f"{self.prefix}:pause:{partner_key}"
+
+    def audience_lock(self, scope: str) -> str:
+        """Held while one member call for an (API key, audience) is in flight."""
+        return f"{self.prefix}:audlock:{scope}"
+
+    def audience_applied(self, scope: str) -> str:
+        """Hash: user -> timestamp_ms of the newest change the partner acknowledged."""
+        return f"{self.prefix}:applied:{scope}"
+
+    def suspended(self, account_id: int) -> str:
+        """Set (to the API key's hash) when the partner refused that key for audiences."""
+        return f"{self.prefix}:suspend:{account_id}"
 
     def seen(self, message_id: str) -> str:
         """Marks a message id as accepted, so a retry from mParticle is not queued twice."""

@@ -9,28 +9,37 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from common.config import redis_ssl_cert_reqs_from_env
 
-def tls_options(url: str) -> dict[str, object]:
-    """TLS options for a rediss:// URL.
+_CERT_MODES = {
+    "none": ssl.CERT_NONE,
+    "cert_none": ssl.CERT_NONE,
+    "optional": ssl.CERT_OPTIONAL,
+    "cert_optional": ssl.CERT_OPTIONAL,
+    "required": ssl.CERT_REQUIRED,
+    "cert_required": ssl.CERT_REQUIRED,
+}
 
-    Heroku Redis serves a self-signed certificate: `?ssl_cert_reqs=none` (or CERT_NONE)
-    in the URL turns verification off, as redis-py and kombu understand it.
+
+def tls_options(url: str, default_cert_reqs: str | None = None) -> dict[str, object]:
+    """TLS options for a rediss:// URL, for redis-py clients and Celery's broker_use_ssl alike.
+
+    Heroku Redis serves a self-signed certificate on a bare rediss:// URL. The URL's own
+    `?ssl_cert_reqs=none|optional|required` wins; without it `default_cert_reqs` applies, or
+    REDIS_SSL_CERT_REQS when the caller passes none (so every client agrees without each
+    caller threading the setting through). An unknown value verifies: failing safe.
     """
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return {}
     query = {k.lower(): v[-1] for k, v in parse_qs(parts.query).items()}
-    reqs = query.get("ssl_cert_reqs", "required").lower()
-    mode = {
-        "none": ssl.CERT_NONE,
-        "cert_none": ssl.CERT_NONE,
-        "optional": ssl.CERT_OPTIONAL,
-        "cert_optional": ssl.CERT_OPTIONAL,
-    }.get(reqs, ssl.CERT_REQUIRED)
-    return {"ssl_cert_reqs": mode}
+    reqs = query.get("ssl_cert_reqs")
+    if reqs is None:
+        reqs = default_cert_reqs if default_cert_reqs is not None else redis_ssl_cert_reqs_from_env()
+    return {"ssl_cert_reqs": _CERT_MODES.get(reqs.strip().lower(), ssl.CERT_REQUIRED)}
 
 
-def ingest_client(url: str, timeout_ms: int) -> redis.Redis:
+def ingest_client(url: str, timeout_ms: int, ssl_cert_reqs: str | None = None) -> redis.Redis:
     """A client for the request path: one attempt, bounded by the answer budget.
 
     redis-py retries three times by default; on the request path a retry would blow
@@ -43,16 +52,16 @@ def ingest_client(url: str, timeout_ms: int) -> redis.Redis:
         socket_connect_timeout=timeout,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
-        **tls_options(url),
+        **tls_options(url, ssl_cert_reqs),
     )
 
 
-def worker_client(url: str, timeout_s: float = 5.0) -> redis.Redis:
+def worker_client(url: str, timeout_s: float = 5.0, ssl_cert_reqs: str | None = None) -> redis.Redis:
     """A client for workers and tools, where a short retry is cheaper than a failed task."""
     return redis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         health_check_interval=30,
-        **tls_options(url),
+        **tls_options(url, ssl_cert_reqs),
     )

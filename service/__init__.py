@@ -18,13 +18,24 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Fail closed on the body size for form parsing too; we never read forms.
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
 
-    from service import errors, firehose, health
+    from service import cookie_sync, errors, firehose, health, logging_setup, metrics, openapi
     from service.ingest import ingest
+    from service.send_cli import firehose_cli
 
     ingest.init_app(app)
     errors.register_error_handlers(app)
+    # Request id and log context first, so every later hook and the view log with them.
+    logging_setup.init_app(app)
+    metrics.init_app(app)
     app.register_blueprint(firehose.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(cookie_sync.bp)
+    app.register_blueprint(openapi.bp)
+    app.cli.add_command(firehose_cli)
     celery_init_app(app)
+
+    from workers.cli import dlq_cli
+
+    app.cli.add_command(dlq_cli)
     logging.getLogger(__name__).info("app_created", extra={"event": "app_created"})
     return app

@@ -17,6 +17,7 @@ from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RE
 from schemas.responses import response_envelope
 from service.errors import ApiError
 from service.ingest import Ingest, IngestUnavailable
+from service.metrics import count_enqueue_failure, count_ingest
 from service.registration import registration_response
 
 log = logging.getLogger(__name__)
@@ -47,9 +48,12 @@ def _non_empty_list(message: dict[str, Any], field: str) -> bool:
     return bool(value)
 
 
-def _response_fields(kind: str) -> dict[str, Any]:
+def _response_fields(kind: str, envelope: dict[str, Any], ingest: Ingest) -> dict[str, Any]:
     if kind == MEMBERSHIP:
-        return {"suspend_subscription": False}
+        # mParticle pauses the connection until the customer fixes the credentials (spec §9.2).
+        account = envelope["account"]
+        api_key = (account.get("account_settings") or {}).get("apiKey")
+        return {"suspend_subscription": ingest.suspended(account["account_id"], api_key)}
     return {}
 
 
@@ -80,11 +84,14 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
         return 200, registration_response()
 
     response_type, status = RESPONSES[kind]
-    if _has_work(kind, message):
+    if not _has_work(kind, message):
+        count_ingest(kind, "verification")
+    else:
         message_id = envelope.get("id")
         try:
-            ingest.accept(message_id, kind, body)
+            stored = ingest.accept(message_id, kind, body)
         except IngestUnavailable as exc:
+            count_enqueue_failure(kind)
             log.warning(
                 "ingest_unavailable message_id=%s error=%s",
                 message_id,
@@ -94,4 +101,5 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
             raise ApiError(
                 503, "unavailable", "Could not store the message; retry later.", headers={"Retry-After": "1"}
             ) from None
-    return status, response_envelope(response_type, **_response_fields(kind))
+        count_ingest(kind, "queued" if stored else "duplicate")
+    return status, response_envelope(response_type, **_response_fields(kind, envelope, ingest))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException
 
 from schemas.errors import error_body
@@ -46,20 +46,26 @@ def _code_for(exc: HTTPException) -> str:
     return names.get(exc.code or 500, (exc.name or "error").lower().replace(" ", "_"))
 
 
+def _answer(error: ApiError) -> Response:
+    # The code goes on the request's log line (service/logging_setup.py).
+    g.error_code = error.code
+    return error_response(error)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(error: ApiError) -> Response:
-        return error_response(error)
+        return _answer(error)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
         headers = dict(exc.get_headers()) if exc.code == 405 else {}
         headers.pop("Content-Type", None)
-        return error_response(ApiError(exc.code or 500, _code_for(exc), exc.description or exc.name, headers=headers))
+        return _answer(ApiError(exc.code or 500, _code_for(exc), exc.description or exc.name, headers=headers))
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         # A 500 tells mParticle to retry, which is right for a fault of ours; the trace goes
         # to the log (never the request body), the caller gets the JSON shape only.
         log.exception("unhandled_error", extra={"event": "unhandled_error"})
-        return error_response(ApiError(500, "internal_error", "Internal error; retry later."))
+        return _answer(ApiError(500, "internal_error", "Internal error; retry later."))

@@ -13,6 +13,7 @@ from service.auth import token_is_valid
 from service.dispatch import dispatch, parse
 from service.errors import json_response
 from service.ingest import ingest
+from service.logging_setup import note_message
 
 bp = Blueprint("firehose", __name__)
 
@@ -24,5 +25,7 @@ def receive(_anything: str | None = None) -> Response:
     authorized = token_is_valid(request.headers.get("Authorization"), settings.auth_tokens)
     # get_data enforces MAX_CONTENT_LENGTH (413), chunked bodies included.
     body = request.get_data(cache=False)
-    status, answer = dispatch(parse(body), body, ingest, authorized=authorized)
+    message = parse(body)
+    note_message(message)
+    status, answer = dispatch(message, body, ingest, authorized=authorized)
     return json_response(answer, status)

@@ -12,7 +12,7 @@ import redis
 from flask import Flask
 
 from common.config import Settings
-from common.keys import Keys
+from common.keys import Keys, partner_key
 from common.redis_conn import ingest_client
 
 # SET NX marks the id as seen and XADD stores the body: both or neither, atomically, so a
@@ -22,6 +22,17 @@ if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
   redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'type', ARGV[3], 'id', ARGV[4])
   return 1
 end
+return 0
+"""
+
+
+# Answers whether the partner refused this account's current API key for audiences. A flag
+# set for another key means the customer has since changed it: clear it and try again.
+_SUSPENDED = """
+local flag = redis.call('GET', KEYS[1])
+if not flag then return 0 end
+if flag == ARGV[1] then return 1 end
+redis.call('DEL', KEYS[1])
 return 0
 """
 
@@ -43,6 +54,7 @@ class Ingest:
         self.ttl = settings.dedup_ttl_seconds
         self.client = ingest_client(settings.redis_url, settings.ingest_redis_timeout_ms)
         self._accept = self.client.register_script(_ACCEPT)
+        self._suspended = self.client.register_script(_SUSPENDED)
         app.extensions["ingest"] = self
 
     def accept(self, message_id: str | None, kind: str, body: bytes) -> bool:
@@ -56,6 +68,17 @@ class Ingest:
         except redis.RedisError as exc:
             raise IngestUnavailable(type(exc).__name__) from exc
         return bool(stored)
+
+    def suspended(self, account_id: int, api_key: str | None) -> bool:
+        """True when the partner answered 401/403 to this account's audience calls with this key."""
+        try:
+            flag = self._suspended(
+                keys=[self.keys.suspended(account_id)], args=[partner_key(api_key) if api_key else ""]
+            )
+        except redis.RedisError:
+            # Not worth failing the answer over: the flag is asked for again on the next message.
+            return False
+        return bool(flag)
 
     def ping(self) -> bool:
         try:

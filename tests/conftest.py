@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
-from tests.support import BIN, PYTHON, Proc, Stub, free_port, wait_for
+from devtools.procs import start_stub, start_web, start_worker
+from tests.support import Proc, Stub
 
 # A database of its own on the machine's Redis, emptied at the start of the run.
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+def redis_db(db: int) -> str:
+    """Another database on the test Redis, for a stack of its own."""
+    return REDIS_URL.rsplit("/", 1)[0] + f"/{db}"
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +54,7 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
             "PUMP_BLOCK_MS": "100",
             "PUMP_CLAIM_IDLE_MS": "3000",
             "BROKER_VISIBILITY_TIMEOUT": "30",
+            "BROKER_RESTORE_INTERVAL_SECONDS": "2",
         }
     )
     env.update(extra)
@@ -57,16 +63,9 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def stub(logs_dir: Path) -> Iterator[Stub]:
-    port = free_port()
-    proc = Proc(
-        "partner-stub",
-        [PYTHON, "-m", "devtools.partner_stub", "--host", "127.0.0.1", "--port", str(port)],
-        dict(os.environ),
-        logs_dir,
-    )
+    proc, client = start_stub(dict(os.environ), logs_dir)
     try:
-        proc.wait_output("partner stub listening", timeout=20)
-        yield Stub(f"http://127.0.0.1:{port}")
+        yield client
     finally:
         proc.stop()
 
@@ -77,57 +76,11 @@ def clean_stub(stub: Stub) -> Stub:
     return stub
 
 
-def start_worker(name: str, env: dict[str, str], logs_dir: Path, concurrency: int = 2) -> Proc:
-    proc = Proc(
-        name,
-        [
-            str(BIN / "celery"),
-            "-A",
-            "workers.worker",
-            "worker",
-            "--loglevel",
-            "INFO",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(concurrency),
-            "--hostname",
-            f"{name}-{uuid.uuid4().hex[:6]}@%h",
-            "--without-mingle",
-            "--without-gossip",
-        ],
-        env,
-        logs_dir,
-    )
-    proc.wait_output("ready.", timeout=60)
-    return proc
-
-
 @pytest.fixture(scope="module")
 def worker(redis_url: str, stub: Stub, logs_dir: Path) -> Iterator[Proc]:
     proc = start_worker("worker", base_env(redis_url, PARTNER_API_URL=stub.url), logs_dir)
     yield proc
     proc.stop()
-
-
-def start_web(env: dict[str, str], logs_dir: Path, name: str = "web") -> tuple[Proc, str]:
-    port = free_port()
-    env = dict(env, PORT=str(port), WEB_CONCURRENCY="2")
-    proc = Proc(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "service:create_app()"], env, logs_dir)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        import requests
-
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"web exited:\n{proc.output()[-3000:]}")
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(healthy, 30, 0.1, "gunicorn to answer /healthz")
-    return proc, url
 
 
 @pytest.fixture(scope="module")

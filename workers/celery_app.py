@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
-from celery import Celery, Task
+from celery import Celery, Task, signals
 from flask import Flask
 
 from common.config import Settings
+from common.logging_setup import JSON, configure_logging, log_format
 from common.redis_conn import tls_options
 
 # Delivery tasks, by stable name: renaming one strands the messages already queued under it.
@@ -31,9 +34,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "broker_transport_options": {
-            # An unacknowledged message comes back after this long; every retry countdown
-            # is kept well under it so a delayed task is not also redelivered.
+            # A task a dead worker held comes back after this long. No task here uses a
+            # countdown or an ETA (retries wait in the retry schedule), so it is safe to keep short.
             "visibility_timeout": settings.broker_visibility_timeout,
+            # kombu sweeps for such tasks every interval * throttle seconds: make it the interval.
+            "unacked_restore_interval": settings.broker_restore_interval_seconds,
+            "unacked_restore_throttle": 1,
         },
         # Flower shows queued and running work from these events.
         "worker_send_task_events": True,
@@ -58,3 +64,25 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app.steps["worker"].add(PumpStep)
     app.extensions["celery"] = celery_app
     return celery_app
+
+
+@signals.setup_logging.connect
+def _worker_logging(loglevel: int | str | None = None, **_: object) -> None:
+    """Workers log like the web: JSON lines through the same redaction (common/logging_setup.py).
+
+    A receiver on this signal makes Celery leave logging to us, so none of its own handlers
+    can print a record unredacted. Runs again in each pool process; that is harmless.
+    LOG_LEVEL, when set, wins over `--loglevel`: one setting for web and workers alike.
+    """
+    configure_logging("worker", os.environ.get("LOG_LEVEL") or loglevel, Settings.from_env().auth_tokens)
+
+
+@signals.celeryd_init.connect
+def _early_worker_logging(instance: Any = None, **_: object) -> None:
+    # The worker warns (running as root, say) before Celery sets up logging, and prints a
+    # banner rather than logging it: route warnings through logging from the start and drop
+    # the banner, so every line is JSON. The broker and readiness are logged as records anyway.
+    configure_logging("worker", None, Settings.from_env().auth_tokens)
+    logging.captureWarnings(True)
+    if instance is not None and log_format() == JSON:
+        instance.quiet = True

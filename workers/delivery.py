@@ -7,21 +7,36 @@ retry policy and logging.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from common import stats
 from schemas.fields import MessageInvalid
 from workers.mapping import PermanentFailure, Plan, plan_message
+from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, MEMBERS, Operation, PartnerResult
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+# Bounds the turns one task spends waiting for the rate limit before it hands the message
+# to the retry schedule instead.
+_MAX_INLINE_WAITS = 5
+# Waiting for another task's member call to the same audience: about a second in all.
+_LOCK_TRIES = 20
+_LOCK_POLL_SECONDS = 0.05
+AUDIENCE_KINDS = frozenset({MEMBERS, AUDIENCE_UPSERT, AUDIENCE_DELETE})
+# A suspension flag outlives any fix the customer would make; a fix clears it sooner.
+SUSPEND_TTL_SECONDS = 30 * 86400
+
 
 @dataclass
 class Outcome:
-    status: str  # "delivered", "retry" or "dead"
+    # "delivered"; "retry" (transient failure); "deferred" (rate limited or paused: try again
+    # later without counting an attempt); "dead" (never deliverable as it is)
+    status: str
     message_id: str | None = None
     account_id: int | None = None
     message_type: str | None = None
@@ -31,6 +46,7 @@ class Outcome:
     retry_after: float | None = None
     operations: int = 0
     sent: int = 0
+    waited: float = 0.0
     skipped: dict[str, int] = field(default_factory=dict)
 
 
@@ -42,6 +58,35 @@ def _count_skipped(rt: Runtime, skipped: dict[str, int]) -> None:
         pipe.execute()
 
 
+def _wait_for_slot(rt: Runtime, operation: Operation, outcome: Outcome) -> float:
+    """0 once this call holds a rate-limit slot; else how long the task should be deferred."""
+    partner_key = operation.partner_key()
+    for _ in range(_MAX_INLINE_WAITS):
+        wait = rt.gate.acquire(partner_key)
+        if wait <= 0:
+            return 0.0
+        stats.incr(rt.redis, rt.keys, stats.RATE_LIMITED)
+        if wait > rt.settings.rate_limit_max_inline_wait_seconds:
+            return wait
+        outcome.waited += wait
+        time.sleep(wait)
+    return rt.settings.rate_limit_max_inline_wait_seconds
+
+
+def _send(rt: Runtime, operation: Operation, key: str) -> PartnerResult:
+    started = time.monotonic()
+    result = rt.partner.send(operation, key)
+    pipe = rt.redis.pipeline(transaction=False)
+    stats.incr(pipe, rt.keys, stats.PARTNER_CALLS)
+    stats.record_latency(pipe, rt.keys, time.monotonic() - started)
+    if result.status == 429:
+        # A 429 speaks for the whole API key: pause every worker's calls to it, not just this task.
+        pause = min(result.retry_after or 1.0, rt.settings.retry_after_max_seconds)
+        rt.gate.pause(operation.partner_key(), pause)
+    pipe.execute()
+    return result
+
+
 def deliver_message(body: str | bytes, rt: Runtime) -> Outcome:
     try:
         message: Any = orjson.loads(body)
@@ -50,23 +95,15 @@ def deliver_message(body: str | bytes, rt: Runtime) -> Outcome:
     kind = message.get("type") if isinstance(message, dict) else None
     try:
         plan: Plan = plan_message(message)
-    except MessageInvalid as exc:
+    except (MessageInvalid, PermanentFailure) as exc:
+        invalid = isinstance(exc, MessageInvalid)
         return Outcome(
             "dead",
             message_id=_id(message),
             account_id=_account_id(message),
             message_type=kind,
-            reason="invalid_message",
-            error=str(exc)[:500],
-        )
-    except PermanentFailure as exc:
-        return Outcome(
-            "dead",
-            message_id=_id(message),
-            account_id=_account_id(message),
-            message_type=kind,
-            reason=exc.reason,
-            error=exc.detail,
+            reason="invalid_message" if invalid else exc.reason,
+            error=str(exc)[:500] if invalid else exc.detail,
         )
 
     outcome = Outcome(
@@ -79,24 +116,65 @@ def deliver_message(body: str | bytes, rt: Runtime) -> Outcome:
     )
     _count_skipped(rt, plan.skipped)
     for operation in plan.operations:
-        key = operation.idempotency_key()
-        marker = rt.keys.delivered(key)
+        marker = rt.keys.delivered(operation.idempotency_key())
         # The partner already took this payload (an earlier attempt, a replay, or a pump
         # that published the message twice): never send it again.
         if rt.redis.exists(marker):
             continue
-        result = rt.partner.send(operation, key)
-        outcome.last_status = result.status
-        if result.outcome == "ok":
-            rt.redis.set(marker, 1, ex=rt.settings.dedup_ttl_seconds)
-            outcome.sent += 1
-            continue
-        outcome.error = result.error
-        outcome.retry_after = result.retry_after
-        outcome.status = "retry" if result.outcome == "transient" else "dead"
-        outcome.reason = "partner_transient" if outcome.status == "retry" else "partner_rejected"
-        return outcome
+        if operation.kind == MEMBERS:
+            done = _deliver_members(rt, operation, outcome)
+        else:
+            done = _deliver(rt, operation, outcome)
+        if not done:
+            return outcome
+        rt.redis.set(marker, 1, ex=rt.settings.dedup_ttl_seconds)
     return outcome
+
+
+def _deliver(rt: Runtime, operation: Operation, outcome: Outcome) -> bool:
+    """Send one operation under the partner gate; True once the partner took it."""
+    defer = _wait_for_slot(rt, operation, outcome)
+    if defer:
+        outcome.status, outcome.reason, outcome.retry_after = "deferred", "rate_limited", defer
+        return False
+    result = _send(rt, operation, operation.idempotency_key())
+    outcome.last_status = result.status
+    if operation.kind in AUDIENCE_KINDS and outcome.account_id is not None:
+        _track_credentials(rt, operation, outcome.account_id, result.status)
+    if result.outcome == "ok":
+        outcome.sent += 1
+        return True
+    outcome.error = result.error
+    outcome.retry_after = result.retry_after
+    outcome.status = "retry" if result.outcome == "transient" else "dead"
+    outcome.reason = "partner_transient" if outcome.status == "retry" else "partner_rejected"
+    return False
+
+
+def _deliver_members(rt: Runtime, operation: Operation, outcome: Outcome) -> bool:
+    """Member changes go one call per audience at a time, and only forward in time."""
+    for _ in range(_LOCK_TRIES):
+        with rt.audiences.locked(operation) as held:
+            if held:
+                fresh = rt.audiences.fresh_changes(operation)
+                if fresh is None:
+                    return True  # the partner already has newer state for every user here
+                if not _deliver(rt, fresh, outcome):
+                    return False
+                rt.audiences.record(fresh)
+                return True
+        time.sleep(_LOCK_POLL_SECONDS)
+    outcome.status, outcome.reason, outcome.retry_after = "deferred", "audience_busy", 1.0
+    return False
+
+
+def _track_credentials(rt: Runtime, operation: Operation, account_id: int, status: int | None) -> None:
+    """A 401/403 on audience calls asks mParticle to suspend the subscription; a success clears it."""
+    flag = rt.keys.suspended(account_id)
+    if status in (401, 403):
+        rt.redis.set(flag, operation.partner_key(), ex=SUSPEND_TTL_SECONDS)
+    elif status is not None and 200 <= status < 300:
+        rt.redis.delete(flag)
 
 
 def _id(message: Any) -> str | None:

@@ -22,6 +22,7 @@ from common.config import Settings
 from common.keys import INBOX_GROUP, Keys
 from common.redis_conn import worker_client
 from workers.celery_app import DELIVER_TASK, DELIVERY_QUEUE
+from workers.scheduler import RetrySchedule
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class InboxPump:
         # Start by re-reading what this consumer name read but never finished (a restart).
         self._own_pending = True
         self._next_claim = 0.0
+        self.retries = RetrySchedule(self.redis, self.keys)
 
     def ensure_group(self) -> None:
         try:
@@ -71,15 +73,20 @@ class InboxPump:
 
     def run_once(self) -> int:
         """Publish one batch of inbox entries; returns how many."""
+        self.retries.move_due(self.settings.pump_batch_size)
         entries = self._read()
         if not entries:
             return 0
         with self.app.producer_or_acquire() as producer:
-            for _, fields in entries:
+            for entry_id, fields in entries:
                 message_id = fields.get(b"id", b"").decode() or None
+                # A stream id starts with the time Redis stored the entry: for a new message,
+                # the moment it was accepted, from which its maximum age counts.
+                first_seen = fields.get(b"first_seen") or entry_id.split(b"-")[0]
                 self.app.send_task(
                     DELIVER_TASK,
                     args=[fields[b"body"].decode()],
+                    kwargs={"attempt": int(fields.get(b"attempt", b"1")), "first_seen_ms": int(first_seen)},
                     task_id=message_id,
                     queue=DELIVERY_QUEUE,
                     producer=producer,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
-from celery import Task, shared_task
+from celery import shared_task
 
+from common import stats
 from workers import dead_letters
 from workers.celery_app import DELIVER_TASK
 from workers.delivery import Outcome, deliver_message
@@ -18,15 +20,14 @@ log = logging.getLogger(__name__)
 def backoff_seconds(attempt: int, rt: Runtime, retry_after: float | None = None) -> float:
     """Exponential backoff with full jitter, never less than the partner's Retry-After.
 
-    Capped well under the broker's visibility timeout: a countdown longer than that makes
-    Redis hand the same message to another worker while this one still holds it.
+    Attempt n waits a random time in [0, min(RETRY_BACKOFF_MAX, BASE * 2^(n-1))]; a
+    Retry-After raises that to its value, capped by RETRY_AFTER_MAX_SECONDS.
     """
     settings = rt.settings
-    cap = min(settings.retry_backoff_max, settings.broker_visibility_timeout / 2)
-    delay = random.uniform(0, min(cap, settings.retry_backoff_base * 2 ** (attempt - 1)))
+    delay = random.uniform(0, min(settings.retry_backoff_max, settings.retry_backoff_base * 2 ** (attempt - 1)))
     if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, cap)
+        delay = max(delay, min(retry_after, settings.retry_after_max_seconds))
+    return delay
 
 
 def _log_attempt(outcome: Outcome, attempt: int, wait: float | None) -> None:
@@ -44,31 +45,20 @@ def _log_attempt(outcome: Outcome, attempt: int, wait: float | None) -> None:
             "account_id": outcome.account_id,
             "attempt": attempt,
             "outcome": outcome.status,
+            "reason": outcome.reason,
             "status": outcome.last_status,
             "wait": wait,
+            "rate_limit_wait": round(outcome.waited, 3),
         },
     )
 
 
-@shared_task(name=DELIVER_TASK, bind=True, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
-def deliver(self: Task, body: str) -> None:
-    rt = runtime()
-    attempt = self.request.retries + 1
-    outcome = deliver_message(body, rt)
-    if outcome.status == "retry" and attempt < rt.settings.retry_max_attempts:
-        wait = backoff_seconds(attempt, rt, outcome.retry_after)
-        rt.redis.hincrby(rt.keys.stats, "retried", 1)
-        _log_attempt(outcome, attempt, wait)
-        raise self.retry(countdown=wait, max_retries=None)
-    _log_attempt(outcome, attempt, None)
-    if outcome.status == "delivered":
-        rt.redis.hincrby(rt.keys.stats, "delivered", 1)
-        return
+def _dead(rt: Runtime, body: str, outcome: Outcome, reason: str, attempt: int) -> None:
     dead_letters.add(
         rt.redis,
         rt.keys,
         body,
-        reason="max_attempts" if outcome.status == "retry" else (outcome.reason or "unknown"),
+        reason=reason,
         message_id=outcome.message_id,
         account_id=outcome.account_id,
         message_type=outcome.message_type,
@@ -76,3 +66,57 @@ def deliver(self: Task, body: str) -> None:
         error=outcome.error,
         attempts=attempt,
     )
+
+
+@shared_task(name=DELIVER_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> None:
+    """Attempt `attempt` to deliver one accepted message.
+
+    Waits never happen here: a retry or a rate-limited message goes to the retry schedule
+    (workers/scheduler.py) and this task ends, so no worker is parked and no countdown can
+    outlive the broker's visibility timeout.
+    """
+    rt = runtime()
+    now_ms = time.time_ns() // 1_000_000
+    first_seen_ms = first_seen_ms or now_ms
+    outcome = deliver_message(body, rt)
+
+    def reschedule(next_attempt: int, delay: float) -> None:
+        rt.retries.schedule(
+            body,
+            message_id=outcome.message_id or "",
+            message_type=outcome.message_type or "",
+            attempt=next_attempt,
+            first_seen_ms=first_seen_ms,
+            delay=delay,
+        )
+
+    if outcome.status == "delivered":
+        stats.incr(rt.redis, rt.keys, stats.DELIVERED)
+        _log_attempt(outcome, attempt, None)
+        return
+    if outcome.status == "deferred":
+        # The rate limit or a 429 pause said "not yet": same attempt, later.
+        reschedule(attempt, outcome.retry_after or 1.0)
+        _log_attempt(outcome, attempt, outcome.retry_after)
+        return
+    if outcome.status == "retry":
+        wait = backoff_seconds(attempt, rt, outcome.retry_after)
+        age = (now_ms - first_seen_ms) / 1000 + wait
+        if attempt >= rt.settings.retry_max_attempts:
+            outcome.status = "dead"
+            _log_attempt(outcome, attempt, None)
+            _dead(rt, body, outcome, "max_attempts", attempt)
+        elif age > rt.settings.retry_max_age_seconds:
+            outcome.status = "dead"
+            _log_attempt(outcome, attempt, None)
+            _dead(rt, body, outcome, "max_age", attempt)
+        else:
+            # Attempts count failures in a row: an attempt that got part of the message through
+            # (some partner calls answered 2xx) starts the count again for what is left.
+            reschedule(2 if outcome.sent else attempt + 1, wait)
+            stats.incr(rt.redis, rt.keys, stats.RETRIED)
+            _log_attempt(outcome, attempt, wait)
+        return
+    _log_attempt(outcome, attempt, None)
+    _dead(rt, body, outcome, outcome.reason or "unknown", attempt)

@@ -13,6 +13,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from common.keys import partner_key
+
 # Operation kinds, stable: they go into idempotency keys.
 EVENTS = "events"
 AUDIENCE_UPSERT = "audience_upsert"
@@ -42,7 +44,7 @@ class Operation:
 
     def partner_key(self) -> str:
         """Names the API key in logs and Redis keys without revealing it."""
-        return hashlib.sha256(self.api_key.encode()).hexdigest()[:16]
+        return partner_key(self.api_key)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,294 @@
+"""Logs for the web and the workers: one JSON object per line, with secrets scrubbed from every record.
+
+Every handler we install carries two filters:
+
+* `ContextFilter` adds what the current unit of work is about (request id, message id,
+  account id) to records that do not name it themselves. The web binds it per request
+  (service/logging_setup.py); anything can bind it with `bind_log_context`.
+* `RedactionFilter` scrubs configured tokens, `Authorization` values, secret-looking query
+  parameters and every `account_settings` / `audience_subscription_settings` value from the
+  record's message, arguments, extras, exception and stack text. It runs on the record before
+  any formatter sees it, so no output format can leak what it removed.
+
+Nothing here imports Flask or Celery: gunicorn.conf.py, the Celery signals in
+workers/celery_app.py and the Lambda handler all call `configure_logging` or `decorate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from contextvars import ContextVar, Token
+from typing import Any, TextIO
+
+from pythonjsonlogger.json import JsonFormatter
+
+from common.redaction import REDACTED, redact_message
+
+# --------------------------------------------------------------------------- context
+
+_EMPTY: Mapping[str, Any] = {}
+_context: ContextVar[Mapping[str, Any]] = ContextVar("firehose_log_context", default=_EMPTY)
+
+
+def bind_log_context(**fields: Any) -> Token[Mapping[str, Any]]:
+    """Adds fields to every record logged from this context; `reset_log_context` undoes it.
+
+    A new mapping each time (never mutated in place), so a reset token always restores
+    exactly what was bound before.
+    """
+    return _context.set({**_context.get(), **fields})
+
+
+def reset_log_context(token: Token[Mapping[str, Any]]) -> None:
+    _context.reset(token)
+
+
+def log_context() -> Mapping[str, Any]:
+    return _context.get()
+
+
+class ContextFilter(logging.Filter):
+    """Fills request/message ids from the bound context; a record's own extras win."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _context.get().items():
+            if value is not None and not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+# ------------------------------------------------------------------------- redaction
+
+# Keys whose values are credentials wherever they turn up in a structured extra.
+_SENSITIVE_KEYS = frozenset(
+    {"authorization", "http_authorization", "apikey", "api_key", "password", "secret", "token", "tokens", "auth_tokens"}
+)
+# `Authorization: Token x`, `'Authorization': 'Bearer x'`, `HTTP_AUTHORIZATION=...`, JSON or repr.
+_AUTHORIZATION = re.compile(r"""(?i)(authorization\\*['"]?\s*[:=]\s*(?:\\*['"])?)[^'"\\\r\n]+""")
+_BEARER = re.compile(r"""(?i)\b(bearer\s+)[^\s'"\\,;}\]]+""")
+# ?token=..., &api_key=..., ;signature=...: a secret in a URL someone logged.
+_QUERY_SECRET = re.compile(
+    r"""(?i)([?&;][^=&\s#'"]*(?:token|key|secret|passw|auth|signature|sig|credential)[^=&\s#'"]*=)[^&\s#'"]+"""
+)
+# The customer's settings maps, as JSON, Python repr or `name=` text: `"account_settings": {`.
+_SETTINGS_MAP = re.compile(r"""(?:account_settings|audience_subscription_settings)\\*['"]?\s*[:=]\s*""")
+# Shorter "secrets" would redact ordinary words; a real token is never this short.
+_MIN_SECRET_LENGTH = 6
+
+
+def _object_end(text: str, start: int) -> int:
+    """Index just past the `{...}` that opens at `start`, or len(text) when unsure.
+
+    Strings in either quote style are skipped so a `}` inside a value does not end the
+    object early. Text with backslashes is JSON inside a string (escaped once more) or has
+    escapes whose level we cannot know: there the rest of the text is treated as the object.
+    Erring long only ever hides more.
+    """
+    depth = 0
+    quote = ""
+    for index in range(start, len(text)):
+        char = text[index]
+        if char == "\\":
+            return len(text)
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return len(text)
+
+
+def _redact_settings_maps(text: str) -> str:
+    parts: list[str] = []
+    position = 0
+    while match := _SETTINGS_MAP.search(text, position):
+        value_start = match.end()
+        parts.append(text[position:value_start])
+        if text.startswith("{", value_start):
+            parts.append(REDACTED)
+            position = _object_end(text, value_start)
+        else:
+            position = value_start
+    parts.append(text[position:])
+    return "".join(parts)
+
+
+def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
+    """`text` with known secrets, credentials in headers and URLs, and settings maps replaced."""
+    for secret in secrets:
+        if secret in text:
+            text = text.replace(secret, REDACTED)
+    lowered = text.lower()
+    if "authorization" in lowered:
+        text = _AUTHORIZATION.sub(lambda m: m.group(1) + REDACTED, text)
+    if "bearer" in lowered:
+        text = _BEARER.sub(lambda m: m.group(1) + REDACTED, text)
+    if "=" in text:
+        text = _QUERY_SECRET.sub(lambda m: m.group(1) + REDACTED, text)
+    if "_settings" in text:
+        text = _redact_settings_maps(text)
+    return text
+
+
+# The attributes every LogRecord has; anything else on a record is an extra.
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_MAX_DEPTH = 8
+
+
+class RedactionFilter(logging.Filter):
+    """Scrubs secrets from a record in place, before any formatter renders it."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__()
+        # Longest first, so a token that contains another is replaced whole.
+        self.secrets = tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact_text(self._message(record), self.secrets)
+        record.args = None
+        self._lift_celery_context(record)
+        for key, value in list(record.__dict__.items()):
+            if key in _RECORD_ATTRIBUTES or key.startswith("_"):
+                continue
+            if key.lower() in _SENSITIVE_KEYS:
+                setattr(record, key, REDACTED)
+            else:
+                setattr(record, key, self._scrub(value, 0))
+        if record.exc_info:
+            # Rendered here so the traceback text is scrubbed too; formatters use exc_text.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, self.secrets)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info, self.secrets)
+        return True
+
+    @staticmethod
+    def _message(record: logging.LogRecord) -> str:
+        try:
+            return record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string must not lose the record
+            return f"{record.msg!s} {record.args!r}"
+
+    @staticmethod
+    def _lift_celery_context(record: logging.LogRecord) -> None:
+        # Celery passes its log context as extra={"data": {...}} with the task's arguments,
+        # which are whole Firehose messages: customers' settings and personal data. Keep the
+        # task's id and name, drop the rest (the message text already says what happened).
+        data = getattr(record, "data", None)
+        if isinstance(data, dict) and ("args" in data or "kwargs" in data):
+            del record.data
+            if data.get("id") is not None:
+                record.task_id = str(data["id"])
+            if data.get("name") is not None:
+                record.task_name = str(data["name"])
+
+    def _scrub(self, value: Any, depth: int) -> Any:
+        if value is None or isinstance(value, bool | int | float):
+            return value
+        if isinstance(value, str):
+            return redact_text(value, self.secrets)
+        if depth >= _MAX_DEPTH:
+            return "[truncated]"
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            for key, item in redact_message(value).items():
+                sensitive = isinstance(key, str) and key.lower() in _SENSITIVE_KEYS
+                out[key] = REDACTED if sensitive else self._scrub(item, depth + 1)
+            return out
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self._scrub(item, depth + 1) for item in redact_message(list(value))]
+        if isinstance(value, bytes | bytearray):
+            return redact_text(bytes(value).decode("utf-8", "replace"), self.secrets)
+        # Any other object would be rendered with str() by the formatter: scrub that text.
+        return redact_text(str(value), self.secrets)
+
+
+# ------------------------------------------------------------------------ formatting
+
+JSON = "json"
+TEXT = "text"
+
+
+def log_format() -> str:
+    """LOG_FORMAT: `json` (default, one object per line) or `text` (for a person at a terminal)."""
+    return TEXT if os.environ.get("LOG_FORMAT", "").strip().lower() == TEXT else JSON
+
+
+def log_level(level: int | str | None = None) -> int:
+    if isinstance(level, int):
+        return level
+    name = (level or os.environ.get("LOG_LEVEL", "") or "info").strip().upper()
+    if name.isdigit():
+        return int(name)
+    value = logging.getLevelName(name)
+    return value if isinstance(value, int) else logging.INFO
+
+
+def make_formatter(service: str, fmt: str | None = None) -> logging.Formatter:
+    if (fmt or log_format()) == TEXT:
+        return logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s [%(event)s] %(message)s", defaults={"event": "log"}
+        )
+    return JsonFormatter(
+        "%(levelname)s %(name)s %(process)d %(message)s",
+        rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
+        static_fields={"service": service},
+        # Records from libraries (gunicorn, Celery, urllib3) name no event of their own.
+        defaults={"event": "log"},
+        timestamp=True,
+    )
+
+
+_OURS = "_firehose_handler"
+
+
+def decorate(handler: logging.Handler, service: str, secrets: Iterable[str] = (), fmt: str | None = None) -> None:
+    """Gives an existing handler (gunicorn's own, say) our format, context and redaction."""
+    for old in [f for f in handler.filters if isinstance(f, ContextFilter | RedactionFilter)]:
+        handler.removeFilter(old)
+    # Context first, so what it adds is scrubbed too.
+    handler.addFilter(ContextFilter())
+    handler.addFilter(RedactionFilter(secrets))
+    handler.setFormatter(make_formatter(service, fmt))
+
+
+def make_handler(
+    service: str, secrets: Iterable[str] = (), fmt: str | None = None, stream: TextIO | None = None
+) -> logging.Handler:
+    handler = logging.StreamHandler(stream or sys.stdout)
+    decorate(handler, service, secrets, fmt)
+    setattr(handler, _OURS, True)
+    return handler
+
+
+def configure_logging(
+    service: str,
+    level: int | str | None = None,
+    secrets: Iterable[str] = (),
+    fmt: str | None = None,
+    stream: TextIO | None = None,
+) -> logging.Handler:
+    """Routes the root logger to one handler of ours (replacing an earlier one of ours).
+
+    Idempotent: Celery calls it again in each pool process, gunicorn on a config reload.
+    Handlers that others put on the root logger are left alone.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, _OURS, False)]:
+        root.removeHandler(handler)
+    handler = make_handler(service, secrets, fmt, stream)
+    root.addHandler(handler)
+    root.setLevel(log_level(level))
+    return handler

@@ -1,0 +1,132 @@
+"""Running the project's processes from tests and benchmarks: start, watch, wait, stop for sure."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from devtools.partner_stub.client import Stub
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> Any:
+    """Poll until predicate() is truthy; every wait in the suite is bounded by this."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}; last={last!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    """A child process with its output in a file, stopped for sure at the end."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_output(self, text: str, timeout: float = 30.0) -> None:
+        def seen() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.output()[-3000:]}")
+            return text in self.output()
+
+        wait_for(seen, timeout, 0.1, f"{self.name} to print {text!r}")
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.popen.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+
+
+def start_worker(name: str, env: dict[str, str], logs_dir: Path, concurrency: int = 2) -> Proc:
+    proc = Proc(
+        name,
+        [
+            str(BIN / "celery"),
+            "-A",
+            "workers.worker",
+            "worker",
+            "--loglevel",
+            "INFO",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "--hostname",
+            f"{name}-{uuid.uuid4().hex[:6]}@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ],
+        env,
+        logs_dir,
+    )
+    proc.wait_output("ready.", timeout=60)
+    return proc
+
+
+def start_web(env: dict[str, str], logs_dir: Path, name: str = "web") -> tuple[Proc, str]:
+    port = free_port()
+    env = dict(env, PORT=str(port), WEB_CONCURRENCY="2")
+    proc = Proc(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "service:create_app()"], env, logs_dir)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"web exited:\n{proc.output()[-3000:]}")
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
+        except requests.RequestException:
+            return False
+
+    wait_for(healthy, 30, 0.1, "gunicorn to answer /healthz")
+    return proc, url
+
+
+def start_stub(env: dict[str, str], logs_dir: Path, name: str = "partner-stub") -> tuple[Proc, Stub]:
+    port = free_port()
+    proc = Proc(
+        name,
+        [sys.executable, "-m", "devtools.partner_stub", "--host", "127.0.0.1", "--port", str(port)],
+        env,
+        logs_dir,
+    )
+    proc.wait_output("partner stub listening", timeout=20)
+    return proc, Stub(f"http://127.0.0.1:{port}")

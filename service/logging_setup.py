@@ -1,0 +1,102 @@
+"""Per-request log context for the web: a request id, the message it carried, one summary line.
+
+The request id comes from `X-Request-Id` when the caller sent a sane one (a load balancer's,
+say), else a new one; it is echoed in the response so a caller can quote it. Every record
+logged while the request runs carries it (common.logging_setup.ContextFilter), and so do the
+message id, account id and type once the view has read them (`note_message`).
+
+Logging itself is configured by the process entry points: gunicorn.conf.py for the web,
+workers/celery_app.py for the workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+
+from common.logging_setup import bind_log_context, reset_log_context
+
+log = logging.getLogger("service.requests")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+# Anything else (too long, spaces, control characters) is replaced rather than echoed into
+# a response header and every log line.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+# The endpoints whose requests get a summary line; health checks and scrapes would drown it.
+SUMMARY_BLUEPRINTS = frozenset({"firehose"})
+
+
+def note_message(message: Any) -> None:
+    """Records what the parsed message says it is, for log lines and metric labels.
+
+    Called before validation, so only values of the right JSON type, cut short, are kept.
+    """
+    if not isinstance(message, dict):
+        return
+    kind = message.get("type")
+    message_id = message.get("id")
+    account = message.get("account")
+    account_id = account.get("account_id") if isinstance(account, dict) else None
+    fields = {
+        "message_type": kind[:100] if isinstance(kind, str) else None,
+        "message_id": message_id[:64] if isinstance(message_id, str) else None,
+        "account_id": account_id if type(account_id) is int else None,
+    }
+    g.message_fields = fields
+    bind_log_context(**fields)
+
+
+def _begin() -> None:
+    presented = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = presented if _REQUEST_ID.fullmatch(presented) else uuid.uuid4().hex
+    g.log_started = time.perf_counter()
+    g.log_token = bind_log_context(request_id=g.request_id)
+
+
+def _finish(response: Response) -> Response:
+    if "request_id" in g:
+        response.headers[REQUEST_ID_HEADER] = g.request_id
+    if request.blueprint in SUMMARY_BLUEPRINTS:
+        _summary(response)
+    return response
+
+
+def _summary(response: Response) -> None:
+    fields = g.get("message_fields") or {}
+    started = g.get("log_started")
+    duration_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
+    status = response.status_code
+    error = g.get("error_code")
+    log.log(
+        logging.WARNING if status >= 500 else logging.INFO,
+        "firehose_request type=%s status=%s error=%s message_id=%s",
+        fields.get("message_type"),
+        status,
+        error,
+        fields.get("message_id"),
+        extra={
+            "event": "firehose_request",
+            "status": status,
+            "error": error,
+            "duration_ms": duration_ms,
+            **fields,
+        },
+    )
+
+
+def _end(_exc: BaseException | None) -> None:
+    token = g.pop("log_token", None)
+    if token is not None:
+        # Back to what was bound before the request: a sync worker's next request starts clean.
+        reset_log_context(token)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_begin)
+    app.after_request(_finish)
+    app.teardown_request(_end)

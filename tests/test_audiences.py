@@ -1,0 +1,190 @@
+"""Audiences end to end: subscriptions, membership that converges under failures and
+reordering, dead credentials, erasure. Real Redis, gunicorn, two worker processes, the stub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import orjson
+import pytest
+import requests
+
+from tests.support import Stub, sample, wait_for
+from tests.test_delivery_policy import TOKEN, Stack, make_stack
+
+AUDIENCES = (101, 202, 303)
+
+
+def sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def post(stack: Stack, message: dict) -> requests.Response:
+    return requests.post(
+        f"{stack.url}/firehose", data=orjson.dumps(message), headers={"Authorization": f"Token {TOKEN}"}, timeout=10
+    )
+
+
+def envelope(kind: str, api_key: str, ts: int, account_id: int = 777) -> dict:
+    return {
+        "type": kind,
+        "id": str(uuid.uuid4()),
+        "timestamp_ms": ts,
+        "firehose_version": "3.2.0",
+        "account": {"account_id": account_id, "account_settings": {"apiKey": api_key}},
+    }
+
+
+def membership(api_key: str, ts: int, changes: list[tuple[str, int, str]], account_id: int = 777) -> dict:
+    """changes: (mpid, audience_id, action)"""
+    profiles: dict[str, list[dict]] = {}
+    for mpid, audience_id, action in changes:
+        profiles.setdefault(mpid, []).append(
+            {"audience_id": audience_id, "audience_name": f"aud {audience_id}", "action": action}
+        )
+    message = envelope("audience_membership_change_request", api_key, ts, account_id)
+    message["user_profiles"] = [{"mpid": mpid, "audiences": audiences} for mpid, audiences in profiles.items()]
+    return message
+
+
+@pytest.fixture(scope="module")
+def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
+    s = make_stack(15, stub, logs_dir, "audiences", workers=2, PARTNER_RATE_LIMIT="none", RETRY_MAX_ATTEMPTS="12")
+    yield s
+    for proc in s.workers:
+        proc.stop()
+
+
+@pytest.fixture
+def partner(stack: Stack, stub: Stub) -> Stub:
+    wait_for(stack.drained, 60, what="earlier work to drain")
+    stub.reset()
+    return stub
+
+
+def test_membership_converges_to_the_newest_change(stack: Stack, partner: Stub) -> None:
+    api_key = "converge-key"
+    rng = random.Random(11)
+    partner.faults([{"path_prefix": "/v1/audiences", "status": 503, "probability": 0.25, "seed": 5}])
+    users = [str(-(2**62) + i) for i in range(40)]
+    base = 1_764_000_000_000
+    messages, newest = [], {}
+    for round_ in range(4):
+        rng.shuffle(users)
+        for chunk_start in range(0, len(users), 8):
+            ts = base + round_ * 10_000 + chunk_start
+            changes = [
+                (mpid, audience, rng.choice(["add", "delete", "add"]))
+                for mpid in users[chunk_start : chunk_start + 8]
+                for audience in AUDIENCES
+            ]
+            messages.append(membership(api_key, ts, changes))
+            for mpid, audience, action in changes:
+                newest[(mpid, audience)] = action
+    # mParticle's retries and parallel senders: older changes may arrive after newer ones.
+    rng.shuffle(messages)
+    with ThreadPoolExecutor(6) as pool:
+        assert {r.status_code for r in pool.map(lambda m: post(stack, m), messages)} == {200}
+    wait_for(stack.drained, 120, what="every membership change handled")
+
+    members = partner.state()["members"]
+    for audience in AUDIENCES:
+        expected = {mpid for (mpid, aud), action in newest.items() if aud == audience and action == "add"}
+        actual = set(members.get(f"{sha(api_key)}:{audience}", {}))
+        if actual != expected:
+            user = sorted(actual ^ expected)[0]
+            trail = [
+                (c["seq"], c["status"], ch["action"], ch["timestamp_ms"] - base)
+                for c in partner.requests(f"/v1/audiences/{audience}/members")
+                for ch in (c["body"] or {}).get("changes", [])
+                if ch["user"]["mpid"] == user
+            ]
+            sent = sorted(
+                (m["timestamp_ms"] - base, a["action"])
+                for m in messages
+                for p in m["user_profiles"]
+                if p["mpid"] == user
+                for a in p["audiences"]
+                if a["audience_id"] == audience
+            )
+            raise AssertionError(
+                f"audience {audience}: {len(actual ^ expected)} users differ; {user}: sent {sent}, stub saw {trail}"
+            )
+    calls = partner.requests("/v1/audiences")
+    assert any(c["status"] == 503 for c in calls), "the stub was meant to fail some calls"
+    assert not [m["id"] for m in messages if stack.redis.zscore("fr:dlq:index", m["id"]) is not None]
+
+
+def test_subscription_creates_updates_and_removes(stack: Stack, partner: Stub) -> None:
+    api_key = "subscription-key"
+    for action, ts in (("add", 1), ("update", 2)):
+        message = envelope("audience_subscription_request", api_key, ts)
+        message.update(audience_id=909, audience_name=f"Loyal ({action})", action=action)
+        assert post(stack, message).status_code == 200
+    wait_for(lambda: len(partner.requests("/v1/audiences")) >= 2, 30, what="create and update")
+    audience = partner.state()["audiences"][f"{sha(api_key)}:909"]
+    assert audience["name"] == "Loyal (update)" and not audience["deleted"]
+    removal = envelope("audience_subscription_request", api_key, 3)
+    removal.update(audience_id=909, audience_name="Loyal", action="remove")
+    assert post(stack, removal).status_code == 200
+    wait_for(lambda: partner.state()["audiences"][f"{sha(api_key)}:909"]["deleted"], 30, what="the removal")
+
+
+def test_rejected_credentials_suspend_the_subscription(stack: Stack, partner: Stub) -> None:
+    account = 31337
+    partner.faults([{"path_prefix": "/v1/audiences", "status": 401, "api_key_sha256": sha("revoked-key")}])
+    rejected = membership("revoked-key", 5, [("1", 101, "add")], account)
+    answer = post(stack, rejected).json()
+    assert answer["suspend_subscription"] is False
+    wait_for(lambda: stack.redis.zscore("fr:dlq:index", rejected["id"]) is not None, 30, what="the dead letter")
+
+    verification = envelope("audience_membership_change_request", "revoked-key", 6, account)
+    assert post(stack, verification).json()["suspend_subscription"] is True
+    # The customer fixes the key in mParticle: the next message carries a new one.
+    fixed = membership("fixed-key", 7, [("1", 101, "add")], account)
+    assert post(stack, fixed).json()["suspend_subscription"] is False
+    wait_for(lambda: partner.state()["members"].get(f"{sha('fixed-key')}:101"), 30, what="delivery with the new key")
+
+
+def test_erasure_reaches_the_partner_as_a_deletion(stack: Stack, partner: Stub) -> None:
+    message = orjson.loads(sample("3.2.0", "DsrProcessingRequest.json"))
+    message["id"] = str(uuid.uuid4())
+    message["account"] = {"account_id": 777, "account_settings": {"apiKey": "dsr-key"}}
+    assert post(stack, message).json()["type"] == "dsr_processing_response"
+    [erased] = wait_for(lambda: partner.state()["erased"], 30, what="the erasure")
+    assert erased["request_id"] == message["subject_request_id"]
+    assert {i["type"] for i in erased["identities"]} == {"android_advertising_id", "email"}
+    [call] = partner.requests("/v1/users")
+    assert call["method"] == "DELETE"
+
+
+@pytest.mark.parametrize("version", ["3.2.0", "2.0.0", "1.x-unversioned"])
+def test_shared_membership_samples_are_delivered(stack: Stack, partner: Stub, version: str) -> None:
+    message = orjson.loads(sample(version, "AudienceMembershipChangeRequest.json"))
+    message["id"] = str(uuid.uuid4())
+    message["account"]["account_settings"]["apiKey"] = f"sample-{version}"
+    assert post(stack, message).status_code == 200
+    # Within one message the last change for a user counts (the 1.x sample adds and removes
+    # the same user in two profiles).
+    final: dict[tuple[int, str], str] = {}
+    for profile in message["user_profiles"]:
+        user = profile.get("mpid") or profile["user_identities"][0]["value"]
+        actions = [(a, a.get("action")) for a in profile.get("audiences", [])]
+        actions += [(a, "add") for a in profile.get("added_audiences", [])]
+        actions += [(a, "delete") for a in profile.get("removed_audiences", [])]
+        for audience, action in actions:
+            if action in ("add", "delete"):
+                final[(audience["audience_id"], user)] = action
+    expected_adds = {audience_id for (audience_id, _), action in final.items() if action == "add"}
+    assert expected_adds
+    wait_for(lambda: stack.drained() and partner.requests("/v1/audiences"), 30, what="the member calls")
+    members = partner.state()["members"]
+    for audience_id in expected_adds:
+        assert members.get(f"{sha(f'sample-{version}')}:{audience_id}"), (version, audience_id)
+    assert stack.redis.zscore("fr:dlq:index", message["id"]) is None

@@ -1,0 +1,237 @@
+"""The delivery policy with the real thing: Redis, gunicorn, Celery worker processes and the
+partner stub injecting faults. Waits are shortened through configuration, never by mocking
+a clock of the system under test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import redis as redis_lib
+import requests
+from flask.testing import FlaskCliRunner
+
+from common.config import Settings
+from common.keys import Keys
+from service import create_app
+from tests.conftest import base_env, redis_db, start_web, start_worker
+from tests.support import Proc, Stub, sample, wait_for
+from workers import dead_letters
+
+TOKEN = "policy-token"
+KEYS = Keys("fr")
+
+
+@dataclass
+class Stack:
+    url: str
+    redis_url: str
+    redis: redis_lib.Redis
+    env: dict[str, str]
+    workers: list[Proc]
+    logs_dir: Path
+
+    def send(self, api_key: str, events: int = 2) -> dict:
+        """An event batch with fresh message and event ids, posted to the web."""
+        message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
+        message["id"] = str(uuid.uuid4())
+        message["account"]["account_settings"]["apiKey"] = api_key
+        template = message["events"][0]
+        message["events"] = [dict(template, id=str(uuid.uuid4())) for _ in range(events)]
+        response = requests.post(
+            f"{self.url}/firehose",
+            data=orjson.dumps(message),
+            headers={"Authorization": f"Token {TOKEN}"},
+            timeout=10,
+        )
+        assert response.status_code == 202, response.text
+        return message
+
+    def drained(self) -> bool:
+        """Nothing in the inbox, the retry schedule, Celery's queue or a worker's hands.
+
+        Asked twice, a little apart: a task moving from Celery's queue to a worker's unacked
+        set is briefly in neither.
+        """
+        r = self.redis
+
+        def empty() -> bool:
+            return (
+                r.xlen(KEYS.inbox) == 0
+                and r.zcard(KEYS.retry_schedule) == 0
+                and r.llen("firehose") == 0
+                and r.hlen("unacked") == 0
+            )
+
+        if not empty():
+            return False
+        time.sleep(0.3)
+        return empty()
+
+
+def sha(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def calls_for(stub: Stub, api_key: str) -> list[dict]:
+    return [r for r in stub.requests("/v1/events") if r["api_key_sha256"] == sha(api_key)]
+
+
+def delivered_events(stub: Stub, api_key: str) -> dict[str, int]:
+    return stub.state()["events_by_api_key"].get(sha(api_key), {})
+
+
+def all_event_ids(messages: list[dict]) -> set[str]:
+    return {event["id"] for message in messages for event in message["events"]}
+
+
+def make_stack(db: int, stub: Stub, logs_dir: Path, name: str, workers: int = 1, **env: str) -> Stack:
+    redis_url = redis_db(db)
+    client = redis_lib.Redis.from_url(redis_url)
+    client.flushdb()
+    settings = {
+        "PARTNER_API_URL": stub.url,
+        "FIREHOSE_AUTH_TOKEN": TOKEN,
+        "RETRY_BACKOFF_BASE": "0.2",
+        "RETRY_BACKOFF_MAX": "1",
+        "RETRY_MAX_ATTEMPTS": "5",
+        "PARTNER_TIMEOUT_SECONDS": "4",
+    }
+    environment = base_env(redis_url, **(settings | env))
+    procs = [start_worker(f"{name}-worker{i}", environment, logs_dir) for i in range(workers)]
+    web_proc, url = start_web(environment, logs_dir, name=f"{name}-web")
+    procs.append(web_proc)
+    return Stack(url, redis_url, client, environment, procs, logs_dir)
+
+
+@pytest.fixture(scope="module")
+def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
+    s = make_stack(
+        12,
+        stub,
+        logs_dir,
+        "policy",
+        PARTNER_RATE_LIMIT="1000/second",
+        BROKER_VISIBILITY_TIMEOUT="6",
+        PUMP_CLAIM_IDLE_MS="2000",
+    )
+    yield s
+    for proc in s.workers:
+        proc.stop()
+
+
+@pytest.fixture
+def partner(stack: Stack, stub: Stub) -> Stub:
+    wait_for(stack.drained, 60, what="earlier work to drain")
+    stub.reset()
+    return stub
+
+
+def test_503_burst_then_recovery_delivers_everything_once(stack: Stack, partner: Stub) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": 503, "times": 8}])
+    messages = [stack.send("burst-key") for _ in range(10)]
+    expected = all_event_ids(messages)
+    wait_for(lambda: set(delivered_events(partner, "burst-key")) == expected, 60, what="all events delivered")
+    wait_for(stack.drained, 30, what="queues to drain")
+    assert set(delivered_events(partner, "burst-key").values()) == {1}
+    calls = calls_for(partner, "burst-key")
+    assert sum(c["status"] == 503 for c in calls) == 8
+    assert sum(c["status"] == 202 for c in calls) == 10
+    assert partner.state()["duplicates"] == 0
+    assert stack.redis.zcard(KEYS.dead_letter_index) == 0
+
+
+def test_429_with_retry_after_pauses_the_whole_key(stack: Stack, partner: Stub) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": 429, "retry_after": "2", "times": 1}])
+    first = stack.send("pause-key")
+    [throttled] = wait_for(lambda: calls_for(partner, "pause-key"), 30, what="the 429")
+    assert throttled["status"] == 429
+    more = [stack.send("pause-key") for _ in range(4)]
+    expected = all_event_ids([first, *more])
+    wait_for(lambda: set(delivered_events(partner, "pause-key")) == expected, 60, what="delivery after the pause")
+    later = [c for c in calls_for(partner, "pause-key") if c["seq"] != throttled["seq"]]
+    assert len(later) == 5
+    # No call to that key, from any task, before Retry-After had passed.
+    assert min(c["received_at"] for c in later) >= throttled["received_at"] + 2.0
+
+
+def test_permanent_400_is_dead_lettered_at_once_then_replayed(
+    stack: Stack, partner: Stub, flask_cli: FlaskCliRunner
+) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": 400, "api_key_sha256": sha("reject-key")}])
+    message = stack.send("reject-key")
+    letter = wait_for(lambda: dead_letters.get(stack.redis, KEYS, message["id"]), 30, what="the dead letter")
+    assert (letter.reason, letter.last_status, letter.attempts) == ("partner_rejected", 400, 1)
+    assert len(calls_for(partner, "reject-key")) == 1
+
+    listing = flask_cli.invoke(args=["dlq", "list", "--json"])
+    assert listing.exit_code == 0 and message["id"] in listing.output
+    shown = flask_cli.invoke(args=["dlq", "show", message["id"]])
+    assert shown.exit_code == 0 and "reject-key" not in shown.output and "partner_rejected" in shown.output
+
+    partner.faults([])  # the partner fixed its side
+    replayed = flask_cli.invoke(args=["dlq", "replay", message["id"]])
+    assert replayed.exit_code == 0, replayed.output
+    expected = all_event_ids([message])
+    wait_for(lambda: set(delivered_events(partner, "reject-key")) == expected, 30, what="the replay delivered")
+    assert dead_letters.get(stack.redis, KEYS, message["id"]) is None
+    assert [c["status"] for c in calls_for(partner, "reject-key")] == [400, 202]
+
+
+def test_max_attempts_ends_in_the_dead_letters_with_the_reason(stack: Stack, partner: Stub) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": 503, "api_key_sha256": sha("down-key")}])
+    message = stack.send("down-key")
+    letter = wait_for(lambda: dead_letters.get(stack.redis, KEYS, message["id"]), 60, what="the dead letter")
+    assert (letter.reason, letter.last_status, letter.attempts) == ("max_attempts", 503, 5)
+    calls = calls_for(partner, "down-key")
+    assert len(calls) == 5 and len({c["idempotency_key"] for c in calls}) == 1
+
+
+def test_worker_killed_mid_call_delivers_anyway(stack: Stack, partner: Stub) -> None:
+    partner.faults([{"path_prefix": "/v1/events", "status": None, "latency_ms": 3000, "times": 1}])
+    message = stack.send("kill-key")
+    wait_for(lambda: calls_for(partner, "kill-key"), 30, what="the call to be in flight")
+    victim = stack.workers.pop(0)
+    victim.signal(signal.SIGKILL)  # the whole worker: main process and pool, no goodbye
+    victim.popen.wait(10)
+    victim.stop()
+    stack.workers.insert(0, start_worker("policy-worker-respawn", stack.env, stack.logs_dir))
+    expected = all_event_ids([message])
+    # The stub finished applying the killed call; the message comes back after the
+    # visibility timeout and its repeat is recognised by the same Idempotency-Key.
+    wait_for(lambda: len(calls_for(partner, "kill-key")) >= 2, 60, what="the message to be delivered again")
+    wait_for(stack.drained, 30, what="queues to drain")
+    assert delivered_events(partner, "kill-key") == {i: 1 for i in expected}
+    assert len({c["idempotency_key"] for c in calls_for(partner, "kill-key")}) == 1
+
+
+@pytest.fixture
+def flask_cli(stack: Stack) -> FlaskCliRunner:
+    app = create_app(Settings(redis_url=stack.redis_url, broker_url=stack.redis_url))
+    return app.test_cli_runner()
+
+
+def test_rate_limit_holds_across_worker_processes(stub: Stub, logs_dir: Path) -> None:
+    limit = 5
+    s = make_stack(13, stub, logs_dir, "rate", workers=2, PARTNER_RATE_LIMIT=f"{limit}/second")
+    try:
+        messages = [s.send("rated-key", events=1) for _ in range(24)]
+        expected = all_event_ids(messages)
+        wait_for(lambda: set(delivered_events(stub, "rated-key")) == expected, 90, what="every rated message")
+        times = sorted(c["received_at"] for c in calls_for(stub, "rated-key"))
+        assert len(times) == 24
+        busiest = max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
+        assert busiest <= limit, f"{busiest} calls in one second, limit {limit}"
+        waits = int(s.redis.hget(KEYS.stats, "rate_limited_waits") or 0)
+        assert waits > 0
+    finally:
+        for proc in s.workers:
+            proc.stop()
