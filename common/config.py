@@ -72,6 +72,11 @@ class Settings:
     # retry schedule, so no worker is parked for long.
     rate_limit_max_inline_wait_seconds: float = 1.0
     pump_batch_size: int = 200
+    # Event batches for one API key share a partner call: at most this many messages and
+    # events a call, and the pump waits this long for a batch to fill when traffic is light.
+    delivery_batch_max_messages: int = 50
+    delivery_batch_max_events: int = 1000
+    delivery_batch_wait_ms: int = 20
     # Cookie sync: where /cookie-sync may send the browser back to, which macro in mParticle's
     # redirect URL takes the partner id, and the partner's first-party id cookie.
     cookie_sync_allowed_hosts: tuple[str, ...] = ("pixels.mparticle.com",)
@@ -109,6 +114,9 @@ class Settings:
                 "BROKER_RESTORE_INTERVAL_SECONDS", cls.broker_restore_interval_seconds
             ),
             pump_batch_size=_int("PUMP_BATCH_SIZE", cls.pump_batch_size),
+            delivery_batch_max_messages=_int("DELIVERY_BATCH_MAX_MESSAGES", cls.delivery_batch_max_messages),
+            delivery_batch_max_events=_int("DELIVERY_BATCH_MAX_EVENTS", cls.delivery_batch_max_events),
+            delivery_batch_wait_ms=_int("DELIVERY_BATCH_WAIT_MS", cls.delivery_batch_wait_ms),
             cookie_sync_allowed_hosts=_tokens(os.environ.get("COOKIE_SYNC_ALLOWED_HOSTS", ""))
             or cls.cookie_sync_allowed_hosts,
             cookie_sync_macro=_str("COOKIE_SYNC_MACRO", cls.cookie_sync_macro),

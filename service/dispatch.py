@@ -27,7 +27,7 @@ def parse(body: bytes) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        # orjson also refuses invalid UTF-8, NaN/Infinity, integers beyond 64 bits and
+        # orjson also refuses invalid UTF-8, NaN/Infinity and
         # nesting deeper than 1024, so none of those gets further than this.
         raise ApiError(400, "invalid_json", f"Body is not valid JSON: {exc.msg}.") from None
 

@@ -203,3 +203,49 @@ def test_old_membership_format_plans_adds_and_deletes() -> None:
 def test_keys_are_prefixed() -> None:
     keys = Keys("p")
     assert keys.inbox == "p:inbox" and keys.seen("x") == "p:seen:x" and keys.delivered("k") == "p:delivered:k"
+
+
+def _entry(n: int, body: dict | str, kind: str = "event_processing_request", **fields: bytes) -> tuple:
+    raw = body if isinstance(body, str) else orjson.dumps(body).decode()
+    extra = {name.encode(): value for name, value in fields.items()}
+    return (f"{1000 + n}-0".encode(), {b"body": raw.encode(), b"type": kind.encode(), b"id": f"m{n}".encode()} | extra)
+
+
+def _batch(api_key: str | None, events: int) -> dict:
+    settings = {"apiKey": api_key} if api_key else {}
+    return {
+        "type": "event_processing_request",
+        "account": {"account_id": 1, "account_settings": settings},
+        "events": [{}] * events,
+    }
+
+
+def test_jobs_group_event_batches_by_api_key_within_limits() -> None:
+    from workers.grouping import plan_jobs
+
+    entries = [_entry(i, _batch("a" if i % 2 else "b", 3)) for i in range(10)]
+    entries.append(_entry(10, {"type": "audience_subscription_request"}, kind="audience_subscription_request"))
+    entries.append(_entry(11, _batch(None, 1)))  # no apiKey: alone, to be dead-lettered with its reason
+    jobs = plan_jobs(entries, max_messages=3, max_events=100)
+    groups = [j for j in jobs if j.task == "events"]
+    singles = [j for j in jobs if j.task == "single"]
+    assert sorted(len(j.bodies) for j in groups) == [2, 2, 3, 3]
+    assert [j.task_id for j in singles] == ["m10", "m11"]
+    for job in groups:
+        keys = {orjson.loads(b)["account"]["account_settings"]["apiKey"] for b in job.bodies}
+        assert len(keys) == 1
+        assert job.first_seen_ms == min(int(e.split(b"-")[0]) for e in job.entry_ids)
+    assert sorted(e for j in jobs for e in j.entry_ids) == sorted(e for e, _ in entries)
+
+
+def test_jobs_respect_the_event_limit_and_keep_retried_groups_whole() -> None:
+    from workers.grouping import GROUP, plan_jobs
+
+    entries = [_entry(i, _batch("a", 40)) for i in range(5)]
+    members = orjson.dumps(["x", "y"]).decode()
+    entries.append(_entry(9, members, kind=GROUP, attempt=b"3", first_seen=b"42"))
+    jobs = plan_jobs(entries, max_messages=50, max_events=100)
+    assert [len(j.bodies) for j in jobs if j.task == "events" and j.attempt == 1] == [2, 2, 1]
+    [retried] = [j for j in jobs if j.attempt == 3]
+    assert (retried.bodies, retried.first_seen_ms) == (["x", "y"], 42)
+    assert plan_jobs(entries[:2], max_messages=1, max_events=100)[0].task == "single"

@@ -15,6 +15,7 @@ from common.redis_conn import tls_options
 
 # Delivery tasks, by stable name: renaming one strands the messages already queued under it.
 DELIVER_TASK = "firehose.deliver"
+DELIVER_EVENTS_TASK = "firehose.deliver_events"
 DELIVERY_QUEUE = "firehose"
 
 
@@ -41,6 +42,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "unacked_restore_interval": settings.broker_restore_interval_seconds,
             "unacked_restore_throttle": 1,
         },
+        # On a cold shutdown (Heroku sends SIGTERM to every process in the dyno; app.json maps it
+        # to SIGQUIT) give running deliveries this long to finish before their tasks go back.
+        "worker_soft_shutdown_timeout": 20,
         # Flower shows queued and running work from these events.
         "worker_send_task_events": True,
         "task_send_sent_event": True,

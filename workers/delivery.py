@@ -6,6 +6,7 @@ retry policy and logging.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import orjson
 from common import stats
 from schemas.fields import MessageInvalid
 from workers.mapping import PermanentFailure, Plan, plan_message
-from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, MEMBERS, Operation, PartnerResult
+from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, EVENTS, MEMBERS, Operation, PartnerResult
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -88,33 +89,17 @@ def _send(rt: Runtime, operation: Operation, key: str) -> PartnerResult:
 
 
 def deliver_message(body: str | bytes, rt: Runtime) -> Outcome:
-    try:
-        message: Any = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return Outcome("dead", reason="invalid_json")
-    kind = message.get("type") if isinstance(message, dict) else None
-    try:
-        plan: Plan = plan_message(message)
-    except (MessageInvalid, PermanentFailure) as exc:
-        invalid = isinstance(exc, MessageInvalid)
-        return Outcome(
-            "dead",
-            message_id=_id(message),
-            account_id=_account_id(message),
-            message_type=kind,
-            reason="invalid_message" if invalid else exc.reason,
-            error=str(exc)[:500] if invalid else exc.detail,
-        )
-
+    plan = _plan_single(body, rt)
+    if isinstance(plan, Outcome):
+        return plan
     outcome = Outcome(
         "delivered",
         message_id=plan.message_id,
         account_id=plan.account_id,
-        message_type=kind,
+        message_type=plan.message_type,
         operations=len(plan.operations),
         skipped=plan.skipped,
     )
-    _count_skipped(rt, plan.skipped)
     for operation in plan.operations:
         marker = rt.keys.delivered(operation.idempotency_key())
         # The partner already took this payload (an earlier attempt, a replay, or a pump
@@ -175,6 +160,92 @@ def _track_credentials(rt: Runtime, operation: Operation, account_id: int, statu
         rt.redis.set(flag, operation.partner_key(), ex=SUSPEND_TTL_SECONDS)
     elif status is not None and 200 <= status < 300:
         rt.redis.delete(flag)
+
+
+@dataclass
+class GroupOutcome:
+    """What became of a group of event batches sent as one partner call."""
+
+    outcome: Outcome  # the shared call: delivered, retry, deferred or dead
+    delivered: int = 0  # messages the partner has now (or had already)
+    # (body, its operation) still to deliver after a retry or a deferral
+    pending: list[tuple[str, Operation]] = field(default_factory=list)
+    dead: list[tuple[str, Outcome]] = field(default_factory=list)  # (body, why) to dead-letter
+
+
+def deliver_event_group(bodies: list[str], rt: Runtime) -> GroupOutcome:
+    """Send many messages' event batches for one API key in one `POST /v1/events`.
+
+    The merged payload (and so its Idempotency-Key) depends only on the group's members; a
+    group that fails is retried as the same group (see workers/grouping.py).
+    """
+    group = GroupOutcome(Outcome("delivered", message_type="event_processing_request"))
+    members: list[tuple[str, Operation]] = []
+    for body in bodies:
+        single = _plan_single(body, rt)
+        if isinstance(single, Outcome):
+            group.dead.append((body, single))
+            continue
+        if not single.operations:
+            group.delivered += 1  # every event was skipped: nothing to send
+            continue
+        [operation] = single.operations
+        if rt.redis.exists(rt.keys.delivered(operation.idempotency_key())):
+            group.delivered += 1
+            continue
+        members.append((body, operation))
+    if not members:
+        return group
+    merged = Operation(
+        EVENTS,
+        {"batches": [batch for _, op in members for batch in op.payload["batches"]]},
+        members[0][1].api_key,
+        message_id=",".join(op.message_id or "" for _, op in members),
+    )
+    outcome = group.outcome
+    outcome.message_id = members[0][1].message_id if len(members) == 1 else f"group of {len(members)}"
+    outcome.account_id = members[0][1].payload["batches"][0]["account_id"]
+    outcome.operations = 1
+    if not _deliver(rt, merged, outcome):
+        if outcome.status == "dead":
+            group.dead.extend((body, member_outcome(outcome, op)) for body, op in members)
+        else:
+            group.pending = members
+        return group
+    pipe = rt.redis.pipeline(transaction=False)
+    for _, operation in members:
+        pipe.set(rt.keys.delivered(operation.idempotency_key()), 1, ex=rt.settings.dedup_ttl_seconds)
+    pipe.execute()
+    group.delivered += len(members)
+    return group
+
+
+def member_outcome(shared: Outcome, operation: Operation) -> Outcome:
+    """A group's outcome, told of one of its messages (for its log line and dead letter)."""
+    batch = operation.payload["batches"][0]
+    return dataclasses.replace(shared, message_id=batch["message_id"], account_id=batch["account_id"])
+
+
+def _plan_single(body: str | bytes, rt: Runtime) -> Plan | Outcome:
+    """The plan of one message (skipped events counted), or the Outcome that dead-letters it."""
+    try:
+        message: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Outcome("dead", reason="invalid_json")
+    try:
+        plan = plan_message(message)
+    except (MessageInvalid, PermanentFailure) as exc:
+        invalid = isinstance(exc, MessageInvalid)
+        return Outcome(
+            "dead",
+            message_id=_id(message),
+            account_id=_account_id(message),
+            message_type=message.get("type") if isinstance(message, dict) else None,
+            reason="invalid_message" if invalid else exc.reason,
+            error=str(exc)[:500] if invalid else exc.detail,
+        )
+    _count_skipped(rt, plan.skipped)
+    return plan
 
 
 def _id(message: Any) -> str | None:

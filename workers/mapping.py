@@ -39,6 +39,7 @@ class PermanentFailure(Exception):
 class Plan:
     message_id: str | None
     account_id: int | None
+    message_type: str | None = None
     operations: list[Operation] = field(default_factory=list)
     # reason -> count, for the skipped-events counters
     skipped: dict[str, int] = field(default_factory=dict)
@@ -163,7 +164,10 @@ PLANNERS = {
 
 def plan_message(message: dict[str, Any]) -> Plan:
     """The operations one accepted message turns into; raises PermanentFailure or MessageInvalid."""
-    planner = PLANNERS.get(message.get("type"))
+    kind = message.get("type") if isinstance(message, dict) else None
+    planner = PLANNERS.get(kind)
     if planner is None:
-        raise PermanentFailure("unsupported_type", str(message.get("type"))[:100])
-    return planner(message)
+        raise PermanentFailure("unsupported_type", str(kind)[:100])
+    plan = planner(message)
+    plan.message_type = kind
+    return plan

@@ -21,7 +21,8 @@ from celery import Celery, bootsteps
 from common.config import Settings
 from common.keys import INBOX_GROUP, Keys
 from common.redis_conn import worker_client
-from workers.celery_app import DELIVER_TASK, DELIVERY_QUEUE
+from workers.celery_app import DELIVER_EVENTS_TASK, DELIVER_TASK, DELIVERY_QUEUE
+from workers.grouping import plan_jobs
 from workers.scheduler import RetrySchedule
 
 log = logging.getLogger(__name__)
@@ -73,23 +74,25 @@ class InboxPump:
 
     def run_once(self) -> int:
         """Publish one batch of inbox entries; returns how many."""
-        self.retries.move_due(self.settings.pump_batch_size)
+        settings = self.settings
+        self.retries.move_due(settings.pump_batch_size)
         entries = self._read()
         if not entries:
             return 0
+        if len(entries) < settings.pump_batch_size and settings.delivery_batch_wait_ms > 0 and not self._own_pending:
+            # Light traffic: give a partner call a moment to fill before sending it half empty.
+            time.sleep(settings.delivery_batch_wait_ms / 1000)
+            entries += self._read_group(">", settings.pump_batch_size - len(entries), block=None)
+        jobs = plan_jobs(entries, settings.delivery_batch_max_messages, settings.delivery_batch_max_events)
         with self.app.producer_or_acquire() as producer:
-            for entry_id, fields in entries:
-                message_id = fields.get(b"id", b"").decode() or None
-                # A stream id starts with the time Redis stored the entry: for a new message,
-                # the moment it was accepted, from which its maximum age counts.
-                first_seen = fields.get(b"first_seen") or entry_id.split(b"-")[0]
+            for job in jobs:
+                kwargs = {"attempt": job.attempt, "first_seen_ms": job.first_seen_ms}
+                if job.task == "single":
+                    name, args = DELIVER_TASK, [job.bodies[0]]
+                else:
+                    name, args = DELIVER_EVENTS_TASK, [job.bodies]
                 self.app.send_task(
-                    DELIVER_TASK,
-                    args=[fields[b"body"].decode()],
-                    kwargs={"attempt": int(fields.get(b"attempt", b"1")), "first_seen_ms": int(first_seen)},
-                    task_id=message_id,
-                    queue=DELIVERY_QUEUE,
-                    producer=producer,
+                    name, args=args, kwargs=kwargs, task_id=job.task_id, queue=DELIVERY_QUEUE, producer=producer
                 )
         ids = [entry_id for entry_id, _ in entries]
         pipe = self.redis.pipeline(transaction=True)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import time
+from collections.abc import Callable
 
+import orjson
 from celery import shared_task
 
 from common import stats
 from workers import dead_letters
-from workers.celery_app import DELIVER_TASK
-from workers.delivery import Outcome, deliver_message
+from workers.celery_app import DELIVER_EVENTS_TASK, DELIVER_TASK
+from workers.delivery import Outcome, deliver_event_group, deliver_message, member_outcome
+from workers.grouping import GROUP
 from workers.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,48 @@ def _dead(rt: Runtime, body: str, outcome: Outcome, reason: str, attempt: int) -
     )
 
 
+class Policy:
+    """What happens after an attempt: done, later (same attempt), retry (next attempt) or dead.
+
+    `reschedule(attempt, delay)` puts the work back in the retry schedule; `dead(reason)`
+    dead-letters it. Both are given by the task, which knows what "the work" is.
+    """
+
+    def __init__(self, rt: Runtime, attempt: int, first_seen_ms: int | None) -> None:
+        self.rt = rt
+        self.attempt = attempt
+        self.now_ms = time.time_ns() // 1_000_000
+        self.first_seen_ms = first_seen_ms or self.now_ms
+
+    def apply(self, outcome: Outcome, reschedule: Callable[[int, float], None], dead: Callable[[str], None]) -> None:
+        rt, attempt = self.rt, self.attempt
+        if outcome.status == "delivered":
+            _log_attempt(outcome, attempt, None)
+            return
+        if outcome.status == "deferred":
+            # The rate limit, a 429 pause or a busy audience said "not yet": same attempt, later.
+            reschedule(attempt, outcome.retry_after or 1.0)
+            _log_attempt(outcome, attempt, outcome.retry_after)
+            return
+        if outcome.status == "retry":
+            wait = backoff_seconds(attempt, rt, outcome.retry_after)
+            age = (self.now_ms - self.first_seen_ms) / 1000 + wait
+            if attempt >= rt.settings.retry_max_attempts or age > rt.settings.retry_max_age_seconds:
+                reason = "max_attempts" if attempt >= rt.settings.retry_max_attempts else "max_age"
+                outcome.status = "dead"
+                _log_attempt(outcome, attempt, None)
+                dead(reason)
+                return
+            # Attempts count failures in a row: an attempt that got part of the message through
+            # (some partner calls answered 2xx) starts the count again for what is left.
+            reschedule(2 if outcome.sent else attempt + 1, wait)
+            stats.incr(rt.redis, rt.keys, stats.RETRIED)
+            _log_attempt(outcome, attempt, wait)
+            return
+        _log_attempt(outcome, attempt, None)
+        dead(outcome.reason or "unknown")
+
+
 @shared_task(name=DELIVER_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> None:
     """Attempt `attempt` to deliver one accepted message.
@@ -77,9 +123,10 @@ def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> No
     outlive the broker's visibility timeout.
     """
     rt = runtime()
-    now_ms = time.time_ns() // 1_000_000
-    first_seen_ms = first_seen_ms or now_ms
+    policy = Policy(rt, attempt, first_seen_ms)
     outcome = deliver_message(body, rt)
+    if outcome.status == "delivered":
+        stats.incr(rt.redis, rt.keys, stats.DELIVERED)
 
     def reschedule(next_attempt: int, delay: float) -> None:
         rt.retries.schedule(
@@ -87,36 +134,42 @@ def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> No
             message_id=outcome.message_id or "",
             message_type=outcome.message_type or "",
             attempt=next_attempt,
-            first_seen_ms=first_seen_ms,
+            first_seen_ms=policy.first_seen_ms,
             delay=delay,
         )
 
-    if outcome.status == "delivered":
-        stats.incr(rt.redis, rt.keys, stats.DELIVERED)
-        _log_attempt(outcome, attempt, None)
+    policy.apply(outcome, reschedule, lambda reason: _dead(rt, body, outcome, reason, attempt))
+
+
+@shared_task(name=DELIVER_EVENTS_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+def deliver_events(bodies: list[str], attempt: int = 1, first_seen_ms: int | None = None) -> None:
+    """Attempt `attempt` to deliver a group of event batches for one API key in one partner call."""
+    rt = runtime()
+    policy = Policy(rt, attempt, first_seen_ms)
+    group = deliver_event_group(bodies, rt)
+    for body, why in group.dead:
+        _log_attempt(why, attempt, None)
+        _dead(rt, body, why, why.reason or "unknown", attempt)
+    if group.delivered:
+        stats.incr(rt.redis, rt.keys, stats.DELIVERED, group.delivered)
+    if not group.pending:
+        if group.delivered:
+            _log_attempt(group.outcome, attempt, None)
         return
-    if outcome.status == "deferred":
-        # The rate limit or a 429 pause said "not yet": same attempt, later.
-        reschedule(attempt, outcome.retry_after or 1.0)
-        _log_attempt(outcome, attempt, outcome.retry_after)
-        return
-    if outcome.status == "retry":
-        wait = backoff_seconds(attempt, rt, outcome.retry_after)
-        age = (now_ms - first_seen_ms) / 1000 + wait
-        if attempt >= rt.settings.retry_max_attempts:
-            outcome.status = "dead"
-            _log_attempt(outcome, attempt, None)
-            _dead(rt, body, outcome, "max_attempts", attempt)
-        elif age > rt.settings.retry_max_age_seconds:
-            outcome.status = "dead"
-            _log_attempt(outcome, attempt, None)
-            _dead(rt, body, outcome, "max_age", attempt)
-        else:
-            # Attempts count failures in a row: an attempt that got part of the message through
-            # (some partner calls answered 2xx) starts the count again for what is left.
-            reschedule(2 if outcome.sent else attempt + 1, wait)
-            stats.incr(rt.redis, rt.keys, stats.RETRIED)
-            _log_attempt(outcome, attempt, wait)
-        return
-    _log_attempt(outcome, attempt, None)
-    _dead(rt, body, outcome, outcome.reason or "unknown", attempt)
+
+    def reschedule(next_attempt: int, delay: float) -> None:
+        members = orjson.dumps([body for body, _ in group.pending]).decode()
+        rt.retries.schedule(
+            members,
+            message_id=hashlib.sha256(members.encode()).hexdigest()[:32],
+            message_type=GROUP,
+            attempt=next_attempt,
+            first_seen_ms=policy.first_seen_ms,
+            delay=delay,
+        )
+
+    def dead(reason: str) -> None:
+        for body, operation in group.pending:
+            _dead(rt, body, member_outcome(group.outcome, operation), reason, attempt)
+
+    policy.apply(group.outcome, reschedule, dead)

@@ -1,0 +1,83 @@
+"""Which Celery task each inbox entry becomes: event batches for the same partner API key
+travel together, so one partner call carries many users' batches.
+
+A plain function of the entries read from the inbox, unit-tested without Redis or Celery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from common.keys import partner_key
+from schemas.messages import EVENTS
+
+# The inbox entry type of a group of event batches that failed together and is retried as one:
+# a group keeps its members, so a retry sends exactly the payload (and Idempotency-Key) that
+# the partner may already have taken.
+GROUP = "group"
+
+
+@dataclass
+class Job:
+    """One Celery task to publish."""
+
+    task: str  # "single" or "events"
+    bodies: list[str]
+    attempt: int
+    first_seen_ms: int
+    task_id: str | None = None
+    entry_ids: list[bytes] = field(default_factory=list)
+
+
+def _event_group_key(body: str) -> tuple[str, int] | None:
+    """(partner key, event count) of an event batch that can share a call; None otherwise."""
+    try:
+        message: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != EVENTS:
+        return None
+    account = message.get("account")
+    settings = account.get("account_settings") if isinstance(account, dict) else None
+    api_key = settings.get("apiKey") if isinstance(settings, dict) else None
+    events = message.get("events")
+    if not isinstance(api_key, str) or not api_key or not isinstance(events, list):
+        return None  # the single-message path dead-letters it with the reason
+    return partner_key(api_key), len(events)
+
+
+def plan_jobs(entries: list[tuple[bytes, dict[bytes, bytes]]], max_messages: int, max_events: int) -> list[Job]:
+    """Group fresh event batches by API key, up to `max_messages` and `max_events` a call."""
+    jobs: list[Job] = []
+    open_groups: dict[str, Job] = {}
+    open_events: dict[str, int] = {}
+    for entry_id, fields in entries:
+        body = fields[b"body"].decode()
+        kind = fields.get(b"type", b"").decode()
+        attempt = int(fields.get(b"attempt", b"1"))
+        # A stream id starts with the time Redis stored the entry: for a new message, the
+        # moment it was accepted, from which its maximum age counts.
+        first_seen = int(fields.get(b"first_seen") or entry_id.split(b"-")[0])
+        task_id = fields.get(b"id", b"").decode() or None
+        if kind == GROUP:
+            jobs.append(Job("events", orjson.loads(body), attempt, first_seen, task_id, [entry_id]))
+            continue
+        grouping = _event_group_key(body) if kind == EVENTS and max_messages > 1 else None
+        if grouping is None:
+            jobs.append(Job("single", [body], attempt, first_seen, task_id, [entry_id]))
+            continue
+        key, events = grouping
+        job = open_groups.get(key)
+        if job is None or len(job.bodies) >= max_messages or open_events[key] + events > max_events:
+            job = Job("events", [], attempt, first_seen, None, [])
+            open_groups[key], open_events[key] = job, 0
+            jobs.append(job)
+        job.bodies.append(body)
+        job.entry_ids.append(entry_id)
+        job.first_seen_ms = min(job.first_seen_ms, first_seen)
+        job.attempt = max(job.attempt, attempt)
+        open_events[key] += events
+    return jobs
