@@ -28,6 +28,7 @@ from typing import Any
 
 from flask import Flask
 
+from common.logging_setup import configure_logging
 from schemas.errors import error_body
 from service import create_app
 from service.dispatch import dispatch, parse
@@ -107,4 +108,6 @@ def _log(request_id: str | None, message_id: Any, status: int) -> None:
 
 # Built once per container at import (Lambda's init phase), from Settings.from_env() as the
 # web builds it, so warm invocations reuse the app, its Ingest and its Redis connection.
+# Logs go through the same JSON formatter and redaction filter as web and workers.
+configure_logging("lambda")
 handler: Handler = make_handler(create_app())

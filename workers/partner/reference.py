@@ -80,9 +80,10 @@ class ReferencePartnerClient:
             return PartnerResult(None, error=type(exc).__name__)
         error = None
         if response.status_code >= 300:
-            # A short excerpt for the dead-letter record; partners' error bodies rarely carry
-            # personal data, but keep it short and never log it.
-            error = f"HTTP {response.status_code}: {response.text[:200]}"
+            # A short excerpt for the dead-letter record, never logged. A partner may echo the
+            # credentials it refused: take them out before cutting, so no fragment is left.
+            excerpt = response.text[:4096].replace(operation.api_key, "[redacted]")[:200]
+            error = f"HTTP {response.status_code}: {excerpt}"
         return PartnerResult(
             response.status_code,
             retry_after=parse_retry_after(response.headers.get("Retry-After")),
