@@ -13,7 +13,7 @@ import orjson
 from marshmallow import ValidationError
 
 from schemas.envelope import load_envelope
-from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_TYPES, RESPONSES
+from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_TYPES, RESPONSES, SUBSCRIPTION
 from schemas.responses import response_envelope
 from service.errors import ApiError
 from service.ingest import Ingest, IngestUnavailable
@@ -48,7 +48,15 @@ def _non_empty_list(message: dict[str, Any], field: str) -> bool:
     return bool(value)
 
 
-def _response_fields(kind: str, envelope: dict[str, Any], ingest: Ingest) -> dict[str, Any]:
+def _response_fields(kind: str, message: dict[str, Any], envelope: dict[str, Any], ingest: Ingest) -> dict[str, Any]:
+    if kind == SUBSCRIPTION:
+        # mParticle stores these with the subscription and sends them back on membership
+        # changes. The partner's list key is derived here, not fetched: a partner call has no
+        # place inside mParticle's 100 ms budget.
+        audience_id = message.get("audience_id")
+        if message.get("action") in ("add", "update") and type(audience_id) is int:
+            return {"audience_subscription_settings": {"partnerAudienceId": str(audience_id)}}
+        return {}
     if kind == MEMBERSHIP:
         # mParticle pauses the connection until the customer fixes the credentials (spec §9.2).
         account = envelope["account"]
@@ -102,4 +110,4 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
                 503, "unavailable", "Could not store the message; retry later.", headers={"Retry-After": "1"}
             ) from None
         count_ingest(kind, "queued" if stored else "duplicate")
-    return status, response_envelope(response_type, **_response_fields(kind, envelope, ingest))
+    return status, response_envelope(response_type, **_response_fields(kind, message, envelope, ingest))

@@ -126,7 +126,10 @@ def test_subscription_creates_updates_and_removes(stack: Stack, partner: Stub) -
     for action, ts in (("add", 1), ("update", 2)):
         message = envelope("audience_subscription_request", api_key, ts)
         message.update(audience_id=909, audience_name=f"Loyal ({action})", action=action)
-        assert post(stack, message).status_code == 200
+        answer = post(stack, message)
+        assert answer.status_code == 200
+        # The partner's list key comes back for mParticle to store, computed without a partner call.
+        assert answer.json()["audience_subscription_settings"] == {"partnerAudienceId": "909"}
     wait_for(lambda: len(partner.requests("/v1/audiences")) >= 2, 30, what="create and update")
     audience = partner.state()["audiences"][f"{sha(api_key)}:909"]
     assert audience["name"] == "Loyal (update)" and not audience["deleted"]
