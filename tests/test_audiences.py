@@ -57,15 +57,12 @@ def membership(api_key: str, ts: int, changes: list[tuple[str, int, str]], accou
 def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
     s = make_stack(15, stub, logs_dir, "audiences", workers=2, PARTNER_RATE_LIMIT="none", RETRY_MAX_ATTEMPTS="12")
     yield s
-    for proc in s.workers:
-        proc.stop()
+    s.stop()
 
 
 @pytest.fixture
 def partner(stack: Stack, stub: Stub) -> Stub:
-    wait_for(stack.drained, 60, what="earlier work to drain")
-    stub.reset()
-    return stub
+    return stack.quiet(stub)
 
 
 def test_membership_converges_to_the_newest_change(stack: Stack, partner: Stub) -> None:

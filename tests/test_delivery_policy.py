@@ -55,6 +55,16 @@ class Stack:
         assert response.status_code == 202, response.text
         return message
 
+    def stop(self) -> None:
+        for proc in self.workers:
+            proc.stop()
+
+    def quiet(self, stub: Stub) -> Stub:
+        """The stub, reset once this stack has finished with what earlier tests queued."""
+        wait_for(self.drained, 60, what="earlier work to drain")
+        stub.reset()
+        return stub
+
     def drained(self) -> bool:
         """Nothing in the inbox, the retry schedule, Celery's queue or a worker's hands.
 
@@ -124,15 +134,12 @@ def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
         PUMP_CLAIM_IDLE_MS="2000",
     )
     yield s
-    for proc in s.workers:
-        proc.stop()
+    s.stop()
 
 
 @pytest.fixture
 def partner(stack: Stack, stub: Stub) -> Stub:
-    wait_for(stack.drained, 60, what="earlier work to drain")
-    stub.reset()
-    return stub
+    return stack.quiet(stub)
 
 
 def test_503_burst_then_recovery_delivers_everything_once(stack: Stack, partner: Stub) -> None:
@@ -240,8 +247,7 @@ def test_rate_limit_holds_across_worker_processes(stub: Stub, logs_dir: Path) ->
         waits = int(s.redis.hget(KEYS.stats, "rate_limited_waits") or 0)
         assert waits > 0
     finally:
-        for proc in s.workers:
-            proc.stop()
+        s.stop()
 
 
 def test_event_batches_for_one_key_share_partner_calls(stub: Stub, logs_dir: Path) -> None:
@@ -263,5 +269,4 @@ def test_event_batches_for_one_key_share_partner_calls(stub: Stub, logs_dir: Pat
         assert set(delivered_events(stub, "batched-key").values()) == {1}
         assert set(delivered_events(stub, "other-key")) == all_event_ids(messages[30:])
     finally:
-        for proc in s.workers:
-            proc.stop()
+        s.stop()
