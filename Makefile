@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test lint lint-deploy fmt clean
+.PHONY: install up test faults lint lint-deploy fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ up: $(STAMP)
 ## The whole test suite, against the Redis at TEST_REDIS_URL (default 127.0.0.1:6379, db 11).
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+## The fault and fuzz suite alone (tests/faults/, also part of `make test`), then its figures as a table.
+faults: $(STAMP)
+	@results=$$(mktemp -d)/fault-results.jsonl; \
+	FAULT_RESULTS=$$results $(VENV)/bin/pytest tests/faults; status=$$?; \
+	$(PY) -m devtools.fault_table $$results; exit $$status
 
 lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .

@@ -113,3 +113,8 @@ def on_exit(server: object) -> None:
     owner, _, directory = os.environ.get(_PRIVATE, "").partition(":")
     if owner == str(os.getpid()) and directory == os.environ.get(_MULTIPROC):
         shutil.rmtree(directory, ignore_errors=True)
+
+# Errors gunicorn answers before Flask sees the request speak the service's JSON error shape too.
+from service.gunicorn_errors import install as _install_json_errors  # noqa: E402
+
+_install_json_errors()

@@ -48,6 +48,10 @@ class Settings:
     partner_api_url: str = "http://127.0.0.1:9400"
     max_body_bytes: int = 5 * 1024 * 1024
     dedup_ttl_seconds: int = 86400
+    # Each read of a request body from the client; a stalled client gets 408, not a worker.
+    body_read_timeout_seconds: float = 5.0
+    # Requests without a valid token can only be registrations, which are small.
+    unauthenticated_max_body_bytes: int = 64 * 1024
     # The whole Redis round trip of the request path must fit in mParticle's 100 ms budget.
     ingest_redis_timeout_ms: int = 60
     key_prefix: str = "fr"
@@ -96,6 +100,8 @@ class Settings:
             partner_api_url=_str("PARTNER_API_URL", cls.partner_api_url).rstrip("/"),
             max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
             dedup_ttl_seconds=_int("DEDUP_TTL_SECONDS", cls.dedup_ttl_seconds),
+            body_read_timeout_seconds=_float("BODY_READ_TIMEOUT_SECONDS", cls.body_read_timeout_seconds),
+            unauthenticated_max_body_bytes=_int("UNAUTHENTICATED_MAX_BODY_BYTES", cls.unauthenticated_max_body_bytes),
             ingest_redis_timeout_ms=_int("INGEST_REDIS_TIMEOUT_MS", cls.ingest_redis_timeout_ms),
             key_prefix=_str("REDIS_KEY_PREFIX", cls.key_prefix),
             partner_timeout_seconds=_float("PARTNER_TIMEOUT_SECONDS", cls.partner_timeout_seconds),

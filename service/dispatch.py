@@ -79,7 +79,7 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
             "Missing or wrong 'Authorization: Token <token>' header.",
             headers={"WWW-Authenticate": "Token"},
         )
-    if kind in RESPONSE_TYPES:
+    if isinstance(kind, str) and kind in RESPONSE_TYPES:
         raise ApiError(400, "unsupported_type", f"'{kind}' is a response type; send a request.")
     if isinstance(kind, str) and kind not in REQUEST_TYPES:
         raise ApiError(400, "unknown_type", f"Unknown message type '{kind[:100]}'.")

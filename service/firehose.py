@@ -10,6 +10,7 @@ from flask import Blueprint, Response, current_app, request
 
 from common.config import Settings
 from service.auth import token_is_valid
+from service.body import read_body
 from service.dispatch import dispatch, parse
 from service.errors import json_response
 from service.ingest import ingest
@@ -23,8 +24,13 @@ bp = Blueprint("firehose", __name__)
 def receive(_anything: str | None = None) -> Response:
     settings: Settings = current_app.config["SETTINGS"]
     authorized = token_is_valid(request.headers.get("Authorization"), settings.auth_tokens)
-    # get_data enforces MAX_CONTENT_LENGTH (413), chunked bodies included.
-    body = request.get_data(cache=False)
+    # Without a token only a registration may come, and it is tiny: a stranger gets no more
+    # than UNAUTHENTICATED_MAX_BODY_BYTES of our memory and time.
+    body = read_body(
+        request,
+        settings.body_read_timeout_seconds,
+        None if authorized else settings.unauthenticated_max_body_bytes,
+    )
     message = parse(body)
     note_message(message)
     status, answer = dispatch(message, body, ingest, authorized=authorized)

@@ -35,7 +35,8 @@ class DeadLetter:
 
     def redacted_message(self) -> Any:
         try:
-            return redact_message(orjson.loads(self.body))
+            # Deep enough for any real message, shallow enough for any JSON encoder to print.
+            return redact_message(orjson.loads(self.body), max_depth=64)
         except orjson.JSONDecodeError:
             return None
 

@@ -238,8 +238,8 @@ def _plan_single(body: str | bytes, rt: Runtime) -> Plan | Outcome:
         invalid = isinstance(exc, MessageInvalid)
         return Outcome(
             "dead",
-            message_id=_id(message),
-            account_id=_account_id(message),
+            message_id=message_id_of(message),
+            account_id=account_id_of(message),
             message_type=message.get("type") if isinstance(message, dict) else None,
             reason="invalid_message" if invalid else exc.reason,
             error=str(exc)[:500] if invalid else exc.detail,
@@ -248,13 +248,13 @@ def _plan_single(body: str | bytes, rt: Runtime) -> Plan | Outcome:
     return plan
 
 
-def _id(message: Any) -> str | None:
+def message_id_of(message: Any) -> str | None:
     if isinstance(message, dict) and isinstance(message.get("id"), str):
         return message["id"][:64]
     return None
 
 
-def _account_id(message: Any) -> int | None:
+def account_id_of(message: Any) -> int | None:
     account = message.get("account") if isinstance(message, dict) else None
     account_id = account.get("account_id") if isinstance(account, dict) else None
     return account_id if isinstance(account_id, int) and not isinstance(account_id, bool) else None

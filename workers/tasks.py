@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import logging
 import random
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
+import redis
 from celery import shared_task
+from celery.exceptions import Reject
 
 from common import stats
 from workers import dead_letters
 from workers.celery_app import DELIVER_EVENTS_TASK, DELIVER_TASK
-from workers.delivery import Outcome, deliver_event_group, deliver_message, member_outcome
+from workers.delivery import Outcome, account_id_of, deliver_event_group, deliver_message, member_outcome, message_id_of
 from workers.grouping import GROUP
 from workers.runtime import Runtime, runtime
 
@@ -114,7 +119,57 @@ class Policy:
         dead(outcome.reason or "unknown")
 
 
+def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Whatever goes wrong inside a task, its message is neither acknowledged nor dropped.
+
+    A Redis error (a restart, a failover) puts the message back on the queue. Any other
+    exception is a fault of ours: the message goes to the dead letters with the exception's
+    type, to be replayed once fixed, rather than looping forever or vanishing as a failed task.
+    """
+
+    def wrap(task: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(task)
+        def run(*args: Any, **kwargs: Any) -> None:
+            try:
+                task(*args, **kwargs)
+            except redis.RedisError as exc:
+                log.warning("task_redis_error %s", type(exc).__name__, extra={"event": "task_redis_error"})
+                time.sleep(1.0)  # not a hot loop while Redis comes back
+                raise Reject(f"Redis error: {type(exc).__name__}", requeue=True) from None
+            except Exception as exc:
+                log.exception("task_failed", extra={"event": "task_failed", "error": type(exc).__name__})
+                rt = runtime()
+                attempt = kwargs.get("attempt", 1)
+                try:
+                    for body in bodies_of(*args, **kwargs):
+                        failure = Outcome("dead", error=type(exc).__name__, message_type=None)
+                        _dead(rt, body, _identify(body, failure), "internal_error", attempt)
+                except redis.RedisError:
+                    raise Reject("could not dead-letter", requeue=True) from None
+
+        return run
+
+    return wrap
+
+
+def _identify(body: str, outcome: Outcome) -> Outcome:
+    """The outcome, with the ids read from the message itself (for its dead letter)."""
+    try:
+        message = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return outcome
+    return dataclasses.replace(
+        outcome, message_id=message_id_of(message), account_id=account_id_of(message), message_type=_type(message)
+    )
+
+
+def _type(message: Any) -> str | None:
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 @shared_task(name=DELIVER_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+@_never_lost(lambda body, *_, **__: [body])
 def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> None:
     """Attempt `attempt` to deliver one accepted message.
 
@@ -142,6 +197,7 @@ def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> No
 
 
 @shared_task(name=DELIVER_EVENTS_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
+@_never_lost(lambda bodies, *_, **__: list(bodies))
 def deliver_events(bodies: list[str], attempt: int = 1, first_seen_ms: int | None = None) -> None:
     """Attempt `attempt` to deliver a group of event batches for one API key in one partner call."""
     rt = runtime()
