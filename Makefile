@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test faults lint lint-deploy fmt clean
+.PHONY: install up test faults bench bench-smoke lint lint-deploy fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,16 @@ faults: $(STAMP)
 	@results=$$(mktemp -d)/fault-results.jsonl; \
 	FAULT_RESULTS=$$results $(VENV)/bin/pytest tests/faults; status=$$?; \
 	$(PY) -m devtools.fault_table $$results; exit $$status
+
+## The benchmark (under 10 minutes): relay against a bare Flask app side by side, end to end, memory;
+## writes bench/RESULTS.md. Needs wrk (installed with apt-get if missing) and the Redis at BENCH_REDIS
+## (default redis://127.0.0.1:6379; databases 8 and 9 are emptied).
+bench: $(STAMP)
+	$(PY) -m bench.perf
+
+## The same with tiny numbers (about 20 s): a check that the benchmark still runs; writes nothing.
+bench-smoke: $(STAMP)
+	$(PY) -m bench.perf --smoke
 
 lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .

@@ -16,7 +16,10 @@ from common.logging_setup import configure_logging, decorate
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "sync")
+# Threads, so that a few clients stalling mid-body (each read waits BODY_READ_TIMEOUT_SECONDS)
+# hold a thread each, not a whole worker: the others keep being served.
+worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 # mParticle holds connections open between batches; a keep-alive longer than its idle gap saves handshakes.
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
@@ -113,6 +116,7 @@ def on_exit(server: object) -> None:
     owner, _, directory = os.environ.get(_PRIVATE, "").partition(":")
     if owner == str(os.getpid()) and directory == os.environ.get(_MULTIPROC):
         shutil.rmtree(directory, ignore_errors=True)
+
 
 # Errors gunicorn answers before Flask sees the request speak the service's JSON error shape too.
 from service.gunicorn_errors import install as _install_json_errors  # noqa: E402

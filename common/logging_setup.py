@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, TextIO
 
-from pythonjsonlogger.json import JsonFormatter
+import orjson
+from pythonjsonlogger.json import JsonEncoder, JsonFormatter
 
 from common.redaction import REDACTED, redact_message
 
@@ -152,26 +153,40 @@ class RedactionFilter(logging.Filter):
         super().__init__()
         # Longest first, so a token that contains another is replaced whole.
         self.secrets = tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True))
+        # Each rule of redact_text acts only on text holding one of these (a secret, the two
+        # words in any case, "=", "_settings"): text without any comes back unchanged, so one
+        # search decides what most strings of a record need, on every log line of the web.
+        self._suspect = re.compile(
+            "|".join(["(?i:authorization|bearer)", "=", "_settings", *(re.escape(s) for s in self.secrets)])
+        )
+
+    def _text(self, text: str) -> str:
+        return redact_text(text, self.secrets) if self._suspect.search(text) else text
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact_text(self._message(record), self.secrets)
+        record.msg = self._text(self._message(record))
         record.args = None
         self._lift_celery_context(record)
-        for key, value in list(record.__dict__.items()):
-            if key in _RECORD_ATTRIBUTES or key.startswith("_"):
+        attributes = record.__dict__
+        # The extras only, found by one set difference rather than a test per attribute.
+        for key in attributes.keys() - _RECORD_ATTRIBUTES:
+            if key.startswith("_"):
                 continue
+            value = attributes[key]
             if key.lower() in _SENSITIVE_KEYS:
                 setattr(record, key, REDACTED)
             else:
-                setattr(record, key, self._scrub(value, 0))
+                scrubbed = self._scrub(value, 0)
+                if scrubbed is not value:  # numbers, None and clean text stay as they are
+                    setattr(record, key, scrubbed)
         if record.exc_info:
             # Rendered here so the traceback text is scrubbed too; formatters use exc_text.
             record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
         if record.exc_text:
-            record.exc_text = redact_text(record.exc_text, self.secrets)
+            record.exc_text = self._text(record.exc_text)
         if record.stack_info:
-            record.stack_info = redact_text(record.stack_info, self.secrets)
+            record.stack_info = self._text(record.stack_info)
         return True
 
     @staticmethod
@@ -198,7 +213,7 @@ class RedactionFilter(logging.Filter):
         if value is None or isinstance(value, bool | int | float):
             return value
         if isinstance(value, str):
-            return redact_text(value, self.secrets)
+            return self._text(value)
         if depth >= _MAX_DEPTH:
             return "[truncated]"
         if isinstance(value, dict):
@@ -210,9 +225,9 @@ class RedactionFilter(logging.Filter):
         if isinstance(value, list | tuple | set | frozenset):
             return [self._scrub(item, depth + 1) for item in redact_message(list(value))]
         if isinstance(value, bytes | bytearray):
-            return redact_text(bytes(value).decode("utf-8", "replace"), self.secrets)
+            return self._text(bytes(value).decode("utf-8", "replace"))
         # Any other object would be rendered with str() by the formatter: scrub that text.
-        return redact_text(str(value), self.secrets)
+        return self._text(str(value))
 
 
 # ------------------------------------------------------------------------ formatting
@@ -236,12 +251,32 @@ def log_level(level: int | str | None = None) -> int:
     return value if isinstance(value, int) else logging.INFO
 
 
+class _JsonLines(JsonFormatter):
+    """python-json-logger's JsonFormatter, written by orjson.
+
+    The same fields and values; orjson writes them several times faster than json.dumps
+    with the library's encoder class, which matters at two lines per request on the web.
+    Types orjson does not know go through the library's encoder `default`, as before; what
+    orjson refuses outright (an integer past 64 bits) takes the library's own json path.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._default = JsonEncoder().default
+
+    def jsonify_log_record(self, log_data: Any) -> str:
+        try:
+            return orjson.dumps(log_data, default=self._default, option=orjson.OPT_NON_STR_KEYS).decode()
+        except orjson.JSONEncodeError:
+            return super().jsonify_log_record(log_data)
+
+
 def make_formatter(service: str, fmt: str | None = None) -> logging.Formatter:
     if (fmt or log_format()) == TEXT:
         return logging.Formatter(
             "%(asctime)s %(levelname)s %(name)s [%(event)s] %(message)s", defaults={"event": "log"}
         )
-    return JsonFormatter(
+    return _JsonLines(
         "%(levelname)s %(name)s %(process)d %(message)s",
         rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
         static_fields={"service": service},

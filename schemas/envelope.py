@@ -11,7 +11,7 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validates_schema
 
-from schemas.fields import AccountSchema, LenientSchema, StrictInt, UUIDString
+from schemas.fields import _UUID_RE, AccountSchema, LenientSchema, StrictInt, UUIDString
 from schemas.messages import (
     ACCOUNTLESS_TYPES,
     ENVELOPE_OPTIONAL_TYPES,
@@ -52,4 +52,47 @@ def load_envelope(message: Any) -> dict[str, Any]:
     """The checked envelope of a parsed message; raises ValidationError."""
     if not isinstance(message, dict):
         raise ValidationError({"_schema": ["A Firehose message is a JSON object."]})
-    return _ENVELOPE.load(message)
+    envelope = _plain_envelope(message)
+    return envelope if envelope is not None else _ENVELOPE.load(message)
+
+
+def _plain_envelope(message: dict[str, Any]) -> dict[str, Any] | None:
+    """What `_ENVELOPE.load(message)` returns, for a message it would take exactly as it is.
+
+    The schema's load is the largest part of the request path's own CPU after Redis and the
+    log line; nearly every message has a request type, a UUID id, an integer timestamp and an
+    account with an integer id and string settings, and those the same checks, written out,
+    pass in a fraction of the time. Anything else (a missing or wrong field, a setting the
+    schema would coerce, a message without account or id) gives None, and the schema loads
+    it itself, with its own errors: every answer, error or not, stays the schema's.
+    """
+    kind = message.get("type")
+    message_id = message.get("id")
+    account = message.get("account")
+    if (
+        type(kind) is not str
+        or kind not in REQUEST_TYPES
+        or type(message_id) is not str
+        or not _UUID_RE.fullmatch(message_id)
+        or type(message.get("timestamp_ms")) is not int
+        or type(account) is not dict
+        or type(account.get("account_id")) is not int
+    ):
+        return None
+    if "account_settings" not in account:
+        settings: dict[str, Any] | None = {}  # the schema's load_default
+    else:
+        settings = account["account_settings"]
+        if settings is not None:
+            if type(settings) is not dict:
+                return None
+            for value in settings.values():
+                if value is not None and type(value) is not str:
+                    return None  # a number or boolean the schema turns into text
+            settings = dict(settings)
+    return {
+        "type": kind,
+        "id": message_id,
+        "timestamp_ms": message["timestamp_ms"],
+        "account": {"account_id": account["account_id"], "account_settings": settings},
+    }

@@ -10,6 +10,8 @@ import hashlib
 
 import redis
 from flask import Flask
+from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 from common.config import Settings
 from common.keys import Keys, partner_key
@@ -61,9 +63,8 @@ class Ingest:
         """Store the message unless its id was accepted before; True when stored now."""
         dedupe_id = message_id or "sha256-" + hashlib.sha256(body).hexdigest()
         try:
-            stored = self._accept(
-                keys=[self.keys.seen(dedupe_id), self.keys.inbox],
-                args=[self.ttl, body, kind, dedupe_id],
+            stored = self._run(
+                self._accept, (self.keys.seen(dedupe_id), self.keys.inbox), (self.ttl, body, kind, dedupe_id)
             )
         except redis.RedisError as exc:
             raise IngestUnavailable(type(exc).__name__) from exc
@@ -72,13 +73,27 @@ class Ingest:
     def suspended(self, account_id: int, api_key: str | None) -> bool:
         """True when the partner answered 401/403 to this account's audience calls with this key."""
         try:
-            flag = self._suspended(
-                keys=[self.keys.suspended(account_id)], args=[partner_key(api_key) if api_key else ""]
+            flag = self._run(
+                self._suspended, (self.keys.suspended(account_id),), (partner_key(api_key) if api_key else "",)
             )
         except redis.RedisError:
             # Not worth failing the answer over: the flag is asked for again on the next message.
             return False
         return bool(flag)
+
+    def _run(self, script: Script, keys: tuple[str, ...], args: tuple[object, ...]) -> object:
+        """EVALSHA of one of our scripts.
+
+        Straight through execute_command: Script.__call__ goes through redis-py's
+        deprecated-argument wrapper, which inspects the call every time, on the request path.
+        A NOSCRIPT (Redis restarted or its script cache was flushed) loads the script again
+        and runs it once more, as Script.__call__ does.
+        """
+        try:
+            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def ping(self) -> bool:
         try:

@@ -90,8 +90,22 @@ def type_label(kind: Any) -> str:
     return kind if isinstance(kind, str) and kind in _KNOWN_TYPES else "unknown"
 
 
+# labels() validates and looks its child up under a lock on every call; the request path asks
+# for the same few children again and again, so they are kept here once made. Bounded: the
+# types by type_label, the rest by the code (outcomes, HTTP statuses).
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
 def count_ingest(kind: str, outcome: str) -> None:
-    INGEST.labels(type_label(kind), outcome).inc()
+    _child(INGEST, type_label(kind), outcome).inc()
 
 
 def count_enqueue_failure(kind: str) -> None:
@@ -269,10 +283,10 @@ def _observe(response: Response) -> Response:
     # Only the Firehose endpoint: scrapes and health checks would swamp its latency.
     if request.blueprint == "firehose":
         kind = type_label((g.get("message_fields") or {}).get("message_type"))
-        REQUESTS.labels(kind, str(response.status_code)).inc()
+        _child(REQUESTS, kind, str(response.status_code)).inc()
         started = g.get("metrics_started")
         if started is not None:
-            REQUEST_LATENCY.labels(kind).observe(time.perf_counter() - started)
+            _child(REQUEST_LATENCY, kind).observe(time.perf_counter() - started)
     return response
 
 

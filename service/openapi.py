@@ -222,11 +222,14 @@ def _firehose(rule: Rule, _method: str) -> dict[str, Any]:
             ),
             "400": _ref("responses", "BadRequest"),
             "401": _ref("responses", "Unauthorized"),
+            "408": _ref("responses", "RequestTimeout"),
             "413": _ref("responses", "PayloadTooLarge"),
             "500": _ref("responses", "InternalError"),
             "503": _ref("responses", "Unavailable"),
         },
     }
+    if rule.arguments:
+        operation["responses"]["404"] = _ref("responses", "NotFound")
     operation["operationId"] = "receiveFirehoseSubpath" if rule.arguments else "receiveFirehose"
     return operation
 
@@ -362,12 +365,21 @@ def _components(spec: APISpec) -> None:
     spec.components.response(
         "BadRequest",
         _error(
-            "`invalid_json`, `invalid_envelope` (with `fields`), `unknown_type` or `unsupported_type` "
-            "(a response type sent as a request)."
+            "`invalid_json`, `invalid_envelope` (with `fields`), `unknown_type`, `unsupported_type` "
+            "(a response type sent as a request) or `invalid_body` (a body that could not be read)."
         ),
     )
     spec.components.response("Unauthorized", _error("`unauthorized`: the token is missing or wrong."))
-    spec.components.response("PayloadTooLarge", _error("`payload_too_large`: the body is over MAX_BODY_BYTES."))
+    spec.components.response(
+        "PayloadTooLarge",
+        _error(
+            "`payload_too_large`: the body is over MAX_BODY_BYTES (UNAUTHENTICATED_MAX_BODY_BYTES without a token)."
+        ),
+    )
+    spec.components.response(
+        "RequestTimeout", _error("`request_timeout`: the client stopped sending the body; mParticle retries a 408.")
+    )
+    spec.components.response("NotFound", _error("`not_found`: a sub-path that does not route (e.g. `..`)."))
     spec.components.response("InternalError", _error("`internal_error`: a fault of ours; retry later."))
     spec.components.response(
         "Unavailable",
