@@ -558,7 +558,7 @@ def _ingest_row(label: str, size: int, runs: dict[str, list[dict[str, Any]]]) ->
 def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env: dict[str, str], command: str) -> str:
     m = machine()
     workers = env.get("WEB_CONCURRENCY", "2")
-    worker_class = env.get("GUNICORN_WORKER_CLASS", "sync")
+    worker_class = env.get("GUNICORN_WORKER_CLASS", "gthread")
     table, sizes = ingest_result["table"], ingest_result["sizes"]
     lines = [
         "# Benchmark results",
