@@ -217,7 +217,7 @@ def run_wrk(url: str, body_file: Path, seconds: float, connections: int) -> dict
 @dataclass
 class Config:
     rounds: int = 3
-    seconds: float = 5.0
+    seconds: float = 4.0
     warmup: float = 1.0
     connections: int = 16
     growth_sizes: tuple[int, ...] = (1, 10, 100, 1000)
@@ -228,6 +228,8 @@ class Config:
     drain_timeout: float = 300.0
     # The iOS sample once more with this many gunicorn workers for both apps (0: not measured).
     alt_workers: int = 3
+    # wrk runs per measurement at most, while a run's connections all went to one worker.
+    balance_attempts: int = 3
     redis_base: str = "redis://127.0.0.1:6379"
     ingest_db: int = 8
     e2e_db: int = 9
@@ -243,6 +245,7 @@ SMOKE = {
     "backlog_messages": 200,
     "drain_timeout": 60.0,
     "alt_workers": 0,
+    "balance_attempts": 1,
 }
 
 
@@ -272,17 +275,32 @@ def cpu_seconds(pids: list[int]) -> float:
 def _load(
     cfg: Config, client: redis.Redis, server: tuple[Proc, str], body: Path, side: str, stores: bool
 ) -> dict[str, Any]:
-    """One wrk run against one server; for the service, every 2xx must have stored one entry."""
+    """One wrk run against one server; for the service, every 2xx must have stored one entry.
+
+    With keep-alive (gthread), wrk's connections stay with the worker that accepted them, and
+    now and then one worker accepts most or all of them while the others idle: such a run
+    measures one worker, not the app. It is counted (`one_worker`), and the run is made again
+    with new connections, up to `balance_attempts` times in all.
+    """
     proc, url = server
     if cfg.warmup:
         run_wrk(url, body, cfg.warmup, cfg.connections)
         time.sleep(0.3)  # what was still in flight when wrk stopped lands before the flush
-    client.flushdb()
     workers = children(proc.popen.pid)
-    cpu_before = cpu_seconds(workers)
-    result = run_wrk(url, body, cfg.seconds, cfg.connections)
-    result["cpu_us"] = (cpu_seconds(workers) - cpu_before) / max(1, result["requests"]) * 1e6
-    time.sleep(0.3)
+    one_worker = 0
+    for _ in range(max(1, cfg.balance_attempts)):
+        client.flushdb()
+        before = [cpu_seconds([pid]) for pid in workers]
+        result = run_wrk(url, body, cfg.seconds, cfg.connections)
+        used = [cpu_seconds([pid]) - b for pid, b in zip(workers, before, strict=True)]
+        result["cpu_us"] = sum(used) / max(1, result["requests"]) * 1e6
+        time.sleep(0.3)
+        # Evenly spread, no worker works much more than the average; past 1.4 times (a 70/30
+        # split of two workers), the busiest worker is what the run measures.
+        if len(used) < 2 or max(used) <= 1.4 * sum(used) / len(used):
+            break
+        one_worker += 1
+    result["one_worker"] = one_worker
     if side == "service":
         result["stored"] = client.xlen(KEYS.inbox)
         expected = result["requests"] if stores else 0
@@ -323,6 +341,7 @@ def ingest(cfg: Config, env: dict[str, str], logs: Path, bodies_dir: Path) -> di
         if cfg.alt_workers:
             plan.append((f"ios-w{cfg.alt_workers}", "ios", f"w{cfg.alt_workers}"))
         table: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        load_before = load_average()
         for row, body, variant in plan:
             runs: dict[str, list[dict[str, Any]]] = {"bare": [], "service": []}
             for round_ in range(cfg.rounds):
@@ -339,10 +358,17 @@ def ingest(cfg: Config, env: dict[str, str], logs: Path, bodies_dir: Path) -> di
                     )
             table[row] = runs
 
+        load_after = load_average()
         urls = {side: servers[side][1] for side in ("bare", "service")}
         growth = cost_growth(cfg, urls)
         memory = {side: max_peak(children(servers[side][0].popen.pid)) for side in ("service", "bare")}
-        return {"table": table, "growth": growth, "memory": memory, "sizes": {k: len(v) for k, v in bodies.items()}}
+        return {
+            "table": table,
+            "growth": growth,
+            "memory": memory,
+            "sizes": {k: len(v) for k, v in bodies.items()},
+            "load": (load_before, load_after),
+        }
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -506,6 +532,32 @@ def end_to_end(cfg: Config, env: dict[str, str], logs: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- report
 
 
+def gunicorn_settings(env: dict[str, str]) -> dict[str, str]:
+    """The settings gunicorn.conf.py gives under this environment, as gunicorn itself reports them."""
+    out = subprocess.run(
+        [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--print-config", "bench.bare_app:create_app()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    settings = {}
+    for line in out.stdout.splitlines():
+        name, sep, value = line.partition("=")
+        if sep:
+            settings[name.strip()] = value.strip()
+    return settings
+
+
+def load_average() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def machine() -> dict[str, str]:
     model = ""
     try:
@@ -544,21 +596,30 @@ def _med(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def pair_ratio(runs: dict[str, list[dict[str, Any]]]) -> float:
+    """The median over rounds of service / bare, each round's two runs taken back to back: a slow
+    moment of the machine hits both halves of a pair more often than two medians taken apart."""
+    return statistics.median(s["rps"] / b["rps"] for b, s in zip(runs["bare"], runs["service"], strict=True))
+
+
 def _ingest_row(label: str, size: int, runs: dict[str, list[dict[str, Any]]]) -> str:
     bare, service = runs["bare"], runs["service"]
-    ratio = _med(service, "rps") / _med(bare, "rps")
+    ratio = pair_ratio(runs)
+    spread = max(max(r["rps"] for r in side) / min(r["rps"] for r in side) - 1 for side in (bare, service))
     return (
         f"| {label} | {size:,} | {_med(bare, 'rps'):,.0f} | {_med(service, 'rps'):,.0f} | **{ratio:.2f}** "
+        f"| {spread:.0%} "
         f"| {_ms(_med(service, 'p50_us'))} | {_ms(_med(service, 'p99_us'))} | {_ms(max(r['max_us'] for r in service))} "
         f"| {_ms(_med(bare, 'p50_us'))} | {_ms(_med(bare, 'p99_us'))} | {_ms(max(r['max_us'] for r in bare))} "
-        f"| {_med(service, 'cpu_us'):,.0f} | {_med(bare, 'cpu_us'):,.0f} |"
+        f"| {_med(service, 'cpu_us'):,.0f} | {_med(bare, 'cpu_us'):,.0f} "
+        f"| {sum(r['one_worker'] for r in service)} / {sum(r['one_worker'] for r in bare)} |"
     )
 
 
 def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env: dict[str, str], command: str) -> str:
     m = machine()
-    workers = env.get("WEB_CONCURRENCY", "2")
-    worker_class = env.get("GUNICORN_WORKER_CLASS", "gthread")
+    gunicorn = gunicorn_settings(env)
+    workers = gunicorn.get("workers", "?")
     table, sizes = ingest_result["table"], ingest_result["sizes"]
     lines = [
         "# Benchmark results",
@@ -568,22 +629,32 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
         f"- commit: {m['commit']}",
         f"- command: `{command}`",
         f"- load: {wrk_version()}, 1 thread, {cfg.connections} connections; {cfg.rounds} rounds of "
-        f"{cfg.seconds:g} s per side after {cfg.warmup:g} s of warm-up, bare and service alternating; "
-        "medians of the rounds (max: the largest of any round)",
-        f"- gunicorn: gunicorn.conf.py for both apps, {workers} `{worker_class}` workers (the defaults); "
+        f"{cfg.seconds:g} s per side after {cfg.warmup:g} s of warm-up, bare and service back to back in each "
+        "round (who goes first alternates); the ratio is the median of the rounds' service/bare ratios, the "
+        "other figures medians of the rounds (max: the largest of any round)",
+        f"- gunicorn: gunicorn.conf.py for both apps: {workers} `{gunicorn.get('worker_class', '?')}` workers, "
+        f"{gunicorn.get('threads', '?')} threads each, keep-alive {gunicorn.get('keepalive', '?')} s; "
         "Redis on loopback",
+        f"- load average (1 min) when the ingest runs began and ended: {ingest_result['load'][0]} and "
+        f"{ingest_result['load'][1]}",
         "",
         "Everything runs on this one machine (wrk, gunicorn, Redis, Celery): compare the ratios, taken side by "
         "side in the same run, rather than the absolute numbers.",
         "",
         "## Ingest: `/firehose` against a bare Flask app answering 202",
         "",
-        "Web CPU is the user and system CPU of the gunicorn workers per request (so neither wrk's nor "
-        "Redis's): the steadiest of these numbers on a shared machine.",
+        "Spread: how far apart the rounds of one side were (the larger of the two sides, fastest over slowest "
+        "round); more than about 15 % means something else was using the machine and the row is not to be "
+        "trusted. Web CPU is the user and system CPU of the gunicorn workers per request (not wrk's, not "
+        "Redis's): the steadiest of these numbers on a shared machine. One-worker runs: wrk runs in which "
+        "one gunicorn worker took most or all of the keep-alive connections (it used over 1.4 times the "
+        "workers' average CPU) while the others idled; such a run measures one worker, so it was made again "
+        f"with new connections (up to {cfg.balance_attempts} runs in all) and only the last one counts.",
         "",
-        "| body | bytes | bare req/s | service req/s | ratio | service p50 ms | p99 ms | max ms "
-        "| bare p50 ms | p99 ms | max ms | service web CPU us/req | bare web CPU us/req |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| body | bytes | bare req/s | service req/s | ratio | spread | service p50 ms | p99 ms | max ms "
+        "| bare p50 ms | p99 ms | max ms | service web CPU us/req | bare web CPU us/req "
+        "| one-worker runs service / bare |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, label in SCENARIOS:
         lines.append(_ingest_row(label, sizes[name], table[name]))
@@ -613,7 +684,7 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
         "## End to end: POST to arrival at the partner stub",
         "",
         "The partner stub, one Celery worker as `devtools.procs.start_worker` starts it (prefork, concurrency 2, "
-        "the default pump and batching settings) and the web (2 workers), all on this machine; "
+        "the default pump and batching settings) and the web (gunicorn.conf.py, 2 workers), all on this machine; "
         "`PARTNER_RATE_LIMIT=none`, so that the relay is measured rather than the configured partner limit "
         f"(default 50 calls/s per API key). {cfg.e2e_events_per_message} events per message, one API key.",
         "",
@@ -649,7 +720,7 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
         "",
     ]
     ios = table["ios"]
-    ratio = _med(ios["service"], "rps") / _med(ios["bare"], "rps")
+    ratio = pair_ratio(ios)
     p99 = _med(ios["service"], "p99_us") / 1000
     worst = max(r["p99_us"] for r in ios["service"]) / 1000
     lines += [
@@ -712,8 +783,9 @@ def main(argv: list[str] | None = None) -> int:
         print("end to end", flush=True)
         e2e = end_to_end(cfg, env, logs)
         command = "make bench-smoke" if args.smoke else "make bench"
-        if argv or len(sys.argv) > 1:
-            command += f" ({' '.join(argv if argv is not None else sys.argv[1:])})"
+        extra = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--smoke"]
+        if extra:
+            command += f" (python -m bench.perf {' '.join(extra)})"
         text = report(cfg, ingest_result, e2e, env, command)
         ok = True
     finally:
