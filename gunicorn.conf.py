@@ -13,6 +13,7 @@ from gunicorn.glogging import Logger
 # The project root is on sys.path here: gunicorn changes to it before reading this file.
 from common.config import Settings
 from common.logging_setup import configure_logging, decorate
+from service.logging_setup import SUMMARY_ENVIRON_KEY, log_summary, summary_by_access_log
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -40,6 +41,8 @@ class RelayLogger(Logger):
 
     The access line is built from chosen fields only: the path without its query string,
     and no request header but the user agent, so no token or Authorization value can reach it.
+    For a Firehose request it is the request's one `firehose_request` line, with the fields the
+    app left in the environ (service/logging_setup.py); for anything else, `http_access`.
     """
 
     def setup(self, cfg: object) -> None:
@@ -58,28 +61,34 @@ class RelayLogger(Logger):
             headers = getattr(resp, "headers", None) or []
             method = environ.get("REQUEST_METHOD", "-")
             path = environ.get("PATH_INFO", "-")
+            fields = {
+                "method": method,
+                "path": path,
+                "duration_ms": round(request_time.total_seconds() * 1000, 3),
+                "bytes": getattr(resp, "sent", None),
+                "remote_addr": environ.get("REMOTE_ADDR"),
+                "user_agent": (environ.get("HTTP_USER_AGENT") or "")[:200] or None,
+                "request_id": next((v for k, v in headers if k.lower() == "x-request-id"), None),
+            }
+            summary = environ.get(SUMMARY_ENVIRON_KEY)
+            if summary is not None and isinstance(status, int):
+                log_summary(self.access_log, status, summary, fields)
+                return
             self.access_log.info(
-                "%s %s %s",
-                method,
-                path,
-                status,
-                extra={
-                    "event": "http_access",
-                    "method": method,
-                    "path": path,
-                    "status": status,
-                    "duration_ms": round(request_time.total_seconds() * 1000, 3),
-                    "bytes": getattr(resp, "sent", None),
-                    "remote_addr": environ.get("REMOTE_ADDR"),
-                    "user_agent": (environ.get("HTTP_USER_AGENT") or "")[:200] or None,
-                    "request_id": next((v for k, v in headers if k.lower() == "x-request-id"), None),
-                },
+                "%s %s %s", method, path, status, extra={"event": "http_access", "status": status, **fields}
             )
         except Exception:  # noqa: BLE001 - a log line must never fail a request
             self.error(traceback.format_exc())
 
 
 logger_class = RelayLogger
+
+
+def post_fork(server: object, worker: object) -> None:
+    # One line per Firehose request, written after the answer has left: the access line.
+    if server.log.access_log_enabled:
+        summary_by_access_log()
+
 
 # --- Metrics: prometheus_client multi-process mode (service/metrics.py) ----------------------
 # Each worker process writes its metrics to files in PROMETHEUS_MULTIPROC_DIR and a scrape

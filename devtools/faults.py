@@ -283,16 +283,21 @@ class RawAnswer:
     body: bytes
 
 
+def _recv(sock: socket.socket) -> bytes:
+    """The next bytes from the server; b"" once it closed or reset the connection."""
+    try:
+        return sock.recv(65536)
+    except (ConnectionResetError, BrokenPipeError):
+        return b""
+
+
 def read_answer(sock: socket.socket, timeout: float) -> RawAnswer | None:
     """Read one HTTP/1.x answer; None if the server closed without one."""
     sock.settimeout(timeout)
     data = b""
     deadline = time.monotonic() + timeout
     while b"\r\n\r\n" not in data and time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            break
+        chunk = _recv(sock)
         if not chunk:
             break
         data += chunk
@@ -307,10 +312,7 @@ def read_answer(sock: socket.socket, timeout: float) -> RawAnswer | None:
         headers[name.strip().lower()] = value.strip()
     length = int(headers.get("content-length", "0") or 0)
     while len(body) < length and time.monotonic() < deadline:
-        try:
-            chunk = sock.recv(65536)
-        except (ConnectionResetError, BrokenPipeError):
-            break
+        chunk = _recv(sock)
         if not chunk:
             break
         body += chunk

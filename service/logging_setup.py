@@ -5,16 +5,23 @@ say), else a new one; it is echoed in the response so a caller can quote it. Eve
 logged while the request runs carries it (common.logging_setup.ContextFilter), and so do the
 message id, account id and type once the view has read them (`note_message`).
 
+Each Firehose request gets one `firehose_request` line. Under gunicorn.conf.py the access line
+is that line (`summary_by_access_log`): the summary's fields travel in the WSGI environ and
+gunicorn writes them once the answer has left, so the request path formats and writes no line
+of its own. Elsewhere (flask run, the test client) this module writes it.
+
 Logging itself is configured by the process entry points: gunicorn.conf.py for the web,
 workers/celery_app.py for the workers.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -29,6 +36,38 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # The endpoints whose requests get a summary line; health checks and scrapes would drown it.
 SUMMARY_BLUEPRINTS = frozenset({"firehose"})
+# Where the summary's fields wait for the access line (gunicorn.conf.py reads them).
+SUMMARY_ENVIRON_KEY = "firehose.summary"
+
+_summary_by_server = False
+
+
+def summary_by_access_log() -> None:
+    """From now on the server's access line carries each request's summary; this module writes none."""
+    global _summary_by_server
+    _summary_by_server = True
+
+
+class _RequestIds:
+    """32 hex digits unique to each request: a random per-process prefix and a counter.
+
+    A uuid4 per request costs a getrandom call; ids need to be unique, not unpredictable.
+    The prefix is drawn again in every forked child, so gunicorn workers never share one.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self.prefix = secrets.token_hex(10)
+        self.counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFF:012x}"
+
+
+_request_ids = _RequestIds()
 
 
 def note_message(message: Any) -> None:
@@ -53,7 +92,7 @@ def note_message(message: Any) -> None:
 
 def _begin() -> None:
     presented = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = presented if _REQUEST_ID.fullmatch(presented) else uuid.uuid4().hex
+    g.request_id = presented if _REQUEST_ID.fullmatch(presented) else _request_ids.next()
     g.log_started = time.perf_counter()
     g.log_token = bind_log_context(request_id=g.request_id)
 
@@ -67,25 +106,25 @@ def _finish(response: Response) -> Response:
 
 
 def _summary(response: Response) -> None:
-    fields = g.get("message_fields") or {}
+    summary = {"error": g.get("error_code"), **(g.get("message_fields") or {})}
+    if _summary_by_server:
+        request.environ[SUMMARY_ENVIRON_KEY] = summary
+        return
     started = g.get("log_started")
     duration_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
-    status = response.status_code
-    error = g.get("error_code")
-    log.log(
+    log_summary(log, response.status_code, summary, {"duration_ms": duration_ms})
+
+
+def log_summary(logger: logging.Logger, status: int, summary: dict[str, Any], fields: dict[str, Any]) -> None:
+    """The `firehose_request` line: the answer's status, the message's fields and any others."""
+    logger.log(
         logging.WARNING if status >= 500 else logging.INFO,
         "firehose_request type=%s status=%s error=%s message_id=%s",
-        fields.get("message_type"),
+        summary.get("message_type"),
         status,
-        error,
-        fields.get("message_id"),
-        extra={
-            "event": "firehose_request",
-            "status": status,
-            "error": error,
-            "duration_ms": duration_ms,
-            **fields,
-        },
+        summary.get("error"),
+        summary.get("message_id"),
+        extra={**fields, **summary, "event": "firehose_request", "status": status},
     )
 
 

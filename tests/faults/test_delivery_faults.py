@@ -47,6 +47,29 @@ def all_delivered(stub: Stub, messages: list[dict[str, Any]]) -> bool:
     return ledger(stub, messages).delivered == len(messages)
 
 
+def record_delivery(
+    results: Results,
+    label: str,
+    books: Any,
+    stack: Stack,
+    messages: list[dict[str, Any]],
+    statuses: dict[int, int],
+    notes: str,
+) -> None:
+    """Record what the partner got for these messages as one row of the fault table."""
+    results.record(
+        label,
+        inputs=len(messages),
+        status_5xx=sum(n for s, n in statuses.items() if s >= 500),
+        accepted=sum(n for s, n in statuses.items() if 200 <= s < 300),
+        delivered=books.delivered,
+        applied_twice=books.applied_twice,
+        repeats=books.repeats,
+        dead_lettered=dead(stack, messages),
+        notes=notes,
+    )
+
+
 def test_partner_outage_then_recovery_delivers_everything_once(
     fault_stack: Stack, quiet_partner: Stub, fault_token: str, sent_secrets: dict[str, str], fault_results: Results
 ) -> None:
@@ -67,24 +90,21 @@ def test_partner_outage_then_recovery_delivers_everything_once(
     wait_for(fault_stack.drained, 30, 0.2, "queues to drain")
 
     books = ledger(quiet_partner, messages)
-    dead_count = dead(fault_stack, messages)
-    fault_results.record(
+    record_delivery(
+        fault_results,
         f"Partner outage: 503 to every call for {outage:.0f} s, then recovery",
-        inputs=len(messages),
-        status_5xx=sum(n for s, n in statuses.items() if s >= 500),
-        accepted=sum(n for s, n in statuses.items() if 200 <= s < 300),
-        delivered=books.delivered,
-        applied_twice=books.applied_twice,
-        repeats=books.repeats,
-        dead_lettered=dead_count,
-        notes=f"{books.faulted} partner calls refused during the outage; all four message types",
+        books,
+        fault_stack,
+        messages,
+        statuses,
+        f"{books.faulted} partner calls refused during the outage; all four message types",
     )
     assert set(statuses) <= {200, 202}, statuses
     assert books.delivered == len(messages), books.missing
     assert books.applied_twice == 0 and books.repeats == 0
     assert quiet_partner.state()["duplicates"] == 0
     assert set(quiet_partner.state()["events"].values()) == {1}
-    assert dead_count == 0
+    assert dead(fault_stack, messages) == 0
 
 
 @pytest.mark.parametrize("form", ["seconds", "http-date"])
@@ -218,22 +238,19 @@ def test_worker_sigkill_mid_deliveries_loses_nothing(
     wait_for(fault_stack.drained, 30, 0.2, "queues to drain")
 
     books = ledger(quiet_partner, messages)
-    dead_count = dead(fault_stack, messages)
-    fault_results.record(
+    record_delivery(
+        fault_results,
         "Worker SIGKILL (whole process group) with 4 partner calls in flight",
-        inputs=len(messages),
-        status_5xx=sum(n for s, n in statuses.items() if s >= 500),
-        accepted=sum(n for s, n in statuses.items() if 200 <= s < 300),
-        delivered=books.delivered,
-        applied_twice=books.applied_twice,
-        repeats=books.repeats,
-        dead_lettered=dead_count,
-        notes=f"{len(flying)} calls in flight at the kill; a new worker took over; repeats carry the same key",
+        books,
+        fault_stack,
+        messages,
+        statuses,
+        f"{len(flying)} calls in flight at the kill; a new worker took over; repeats carry the same key",
     )
     assert books.delivered == len(messages), books.missing
     assert books.applied_twice == 0
     assert set(quiet_partner.state()["events"].values()) == {1}
-    assert dead_count == 0
+    assert dead(fault_stack, messages) == 0
 
 
 def test_mparticle_retries_and_concurrent_copies_are_delivered_once(
