@@ -199,6 +199,27 @@ class RedisCollector:
 
         yield from self._worker_counters(_decode(counters))
         yield self._latency(_decode(latency))
+        yield from self._memory(self.client)
+
+    @staticmethod
+    def _memory(client: redis.Redis) -> Iterable[Metric]:
+        # Dedupe marks live DEDUP_TTL_SECONDS each, so memory grows with rate x TTL (README,
+        # "Sizing Redis"); Redis runs noeviction, so a full one refuses new messages (503s).
+        # A server that forbids INFO (some managed ones rename it) just leaves these out.
+        try:
+            memory = client.info("memory")
+            keys = client.dbsize()
+        except redis.RedisError:
+            return
+        yield GaugeMetricFamily(
+            "firehose_redis_used_memory_bytes", "Memory Redis uses (INFO used_memory).", memory.get("used_memory", 0)
+        )
+        yield GaugeMetricFamily(
+            "firehose_redis_maxmemory_bytes",
+            "Redis's memory limit (INFO maxmemory); 0: none set.",
+            memory.get("maxmemory", 0),
+        )
+        yield GaugeMetricFamily("firehose_redis_keys", "Keys in the relay's Redis database: mostly dedupe marks.", keys)
 
     @staticmethod
     def _broker_depths(broker: redis.Redis) -> list[int]:

@@ -133,6 +133,18 @@ def test_known_worker_counters_are_zero_before_any_delivery(redis_url: str) -> N
     assert value(text, "firehose_partner_latency_seconds_bucket", le="+Inf") == 0
 
 
+def test_redis_memory_is_exported_for_sizing(redis_url: str, redis_client: redis_lib.Redis) -> None:
+    settings = Settings(redis_url=redis_url, broker_url=redis_url, key_prefix=prefix())
+    keys = Keys(settings.key_prefix)
+    redis_client.set(keys.seen(str(uuid.uuid4())), "1", ex=60)
+    text = collect_text(RedisCollector(settings))
+    info = redis_client.info("memory")
+    used = value(text, "firehose_redis_used_memory_bytes")
+    assert used is not None and 0.5 * info["used_memory"] < used < 2 * info["used_memory"]
+    assert value(text, "firehose_redis_maxmemory_bytes") == info["maxmemory"]
+    assert value(text, "firehose_redis_keys") >= 1
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
