@@ -447,6 +447,22 @@ def _messages(count: int, n_events: int) -> tuple[list[bytes], set[str]]:
     return bodies, expected
 
 
+def _arrival(
+    stub: Any, messages: int, expected: set[str], elapsed: float, calls_before: int, **extra: float
+) -> dict[str, Any]:
+    """The figures of one end-to-end run, once every expected event has arrived at the stub."""
+    state = stub.state()
+    return {
+        "messages": messages,
+        "events": len(expected),
+        **extra,
+        "seconds": elapsed,
+        "events_per_s": len(expected) / elapsed,
+        "partner_calls": state["requests_seen"] - calls_before,
+        "duplicates": sum(1 for e in expected if state["events"].get(e, 0) > 1),
+    }
+
+
 def _wait_arrived(cfg: Config, client: redis.Redis, stub: Any, expected: set[str], started: float) -> float:
     """Seconds from `started` until the stub holds every expected event (bounded by drain_timeout)."""
     deadline = started + cfg.drain_timeout
@@ -495,16 +511,7 @@ def end_to_end(cfg: Config, env: dict[str, str], logs: Path) -> dict[str, Any]:
         if set(statuses) != {202}:
             raise RuntimeError(f"posting answered {sorted(set(statuses))}")
         elapsed = _wait_arrived(cfg, client, stub, expected, started)
-        state = stub.state()
-        post_result = {
-            "messages": len(bodies),
-            "events": len(expected),
-            "post_seconds": posted,
-            "seconds": elapsed,
-            "events_per_s": len(expected) / elapsed,
-            "partner_calls": state["requests_seen"] - calls_before,
-            "duplicates": sum(1 for e in expected if state["events"].get(e, 0) > 1),
-        }
+        post_result = _arrival(stub, len(bodies), expected, elapsed, calls_before, post_seconds=posted)
         print(f"  e2e posted: {post_result}", flush=True)
 
         # 2. A backlog already in the inbox, stored with the service's own script (as if the web had
@@ -525,16 +532,7 @@ def end_to_end(cfg: Config, env: dict[str, str], logs: Path) -> dict[str, Any]:
             pipe.execute()
         pushed = time.monotonic() - started
         elapsed = _wait_arrived(cfg, client, stub, expected, started)
-        state = stub.state()
-        backlog = {
-            "messages": len(bodies),
-            "events": len(expected),
-            "push_seconds": pushed,
-            "seconds": elapsed,
-            "events_per_s": len(expected) / elapsed,
-            "partner_calls": state["requests_seen"],
-            "duplicates": sum(1 for e in expected if state["events"].get(e, 0) > 1),
-        }
+        backlog = _arrival(stub, len(bodies), expected, elapsed, 0, push_seconds=pushed)
         print(f"  e2e backlog: {backlog}", flush=True)
         pool_pids = children(worker.popen.pid)
         memory = {
