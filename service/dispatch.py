@@ -48,7 +48,15 @@ def _non_empty_list(message: dict[str, Any], field: str) -> bool:
     return bool(value)
 
 
-def _response_fields(kind: str, message: dict[str, Any], envelope: dict[str, Any], ingest: Ingest) -> dict[str, Any]:
+def _audience_account(envelope: dict[str, Any]) -> tuple[int, str | None]:
+    """The account id and apiKey a membership change's suspension flag is kept under."""
+    account = envelope["account"]
+    return account["account_id"], (account.get("account_settings") or {}).get("apiKey")
+
+
+def _response_fields(
+    kind: str, message: dict[str, Any], envelope: dict[str, Any], ingest: Ingest, suspended: bool | None
+) -> dict[str, Any]:
     if kind == SUBSCRIPTION:
         # mParticle stores these with the subscription and sends them back on membership
         # changes. The partner's list key is derived here, not fetched: a partner call has no
@@ -59,9 +67,9 @@ def _response_fields(kind: str, message: dict[str, Any], envelope: dict[str, Any
         return {}
     if kind == MEMBERSHIP:
         # mParticle pauses the connection until the customer fixes the credentials (spec §9.2).
-        account = envelope["account"]
-        api_key = (account.get("account_settings") or {}).get("apiKey")
-        return {"suspend_subscription": ingest.suspended(account["account_id"], api_key)}
+        if suspended is None:  # verification traffic: nothing stored, so not asked yet
+            suspended = ingest.suspended(*_audience_account(envelope))
+        return {"suspend_subscription": suspended}
     return {}
 
 
@@ -92,12 +100,17 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
         return 200, registration_response()
 
     response_type, status = RESPONSES[kind]
+    suspended: bool | None = None
     if not _has_work(kind, message):
         count_ingest(kind, "verification")
     else:
         message_id = envelope.get("id")
         try:
-            stored = ingest.accept(message_id, kind, body)
+            if kind == MEMBERSHIP:
+                # The answer's suspension flag is read in the same round trip as the store.
+                stored, suspended = ingest.accept_and_check(message_id, kind, body, *_audience_account(envelope))
+            else:
+                stored = ingest.accept(message_id, kind, body)
         except IngestUnavailable as exc:
             count_enqueue_failure(kind)
             log.warning(
@@ -110,4 +123,4 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
                 503, "unavailable", "Could not store the message; retry later.", headers={"Retry-After": "1"}
             ) from None
         count_ingest(kind, "queued" if stored else "duplicate")
-    return status, response_envelope(response_type, **_response_fields(kind, message, envelope, ingest))
+    return status, response_envelope(response_type, **_response_fields(kind, message, envelope, ingest, suspended))

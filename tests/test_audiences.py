@@ -146,6 +146,10 @@ def test_rejected_credentials_suspend_the_subscription(stack: Stack, partner: St
 
     verification = envelope("audience_membership_change_request", "revoked-key", 6, account)
     assert post(stack, verification).json()["suspend_subscription"] is True
+    # A change with profiles asks in the same Redis round trip as its store; a retry of it too.
+    again = membership("revoked-key", 8, [("2", 101, "add")], account)
+    assert post(stack, again).json()["suspend_subscription"] is True
+    assert post(stack, again).json()["suspend_subscription"] is True
     # The customer fixes the key in mParticle: the next message carries a new one.
     fixed = membership("fixed-key", 7, [("1", 101, "add")], account)
     assert post(stack, fixed).json()["suspend_subscription"] is False
