@@ -111,11 +111,13 @@ def membership_body(n_profiles: int) -> bytes:
 # ---------------------------------------------------------------------------- processes
 
 
-def start_gunicorn(app: str, env: dict[str, str], logs: Path, name: str) -> tuple[Proc, str]:
-    """gunicorn -c gunicorn.conf.py APP on a free loopback port, as devtools.procs.start_web does."""
+def start_gunicorn(app: str, env: dict[str, str], logs: Path, name: str, cwd: Path = ROOT) -> tuple[Proc, str]:
+    """gunicorn -c gunicorn.conf.py APP on a free loopback port, as devtools.procs.start_web does;
+    from another checkout of the project with `cwd` (its gunicorn.conf.py and its code)."""
     port = free_port()
     env = dict(env, PORT=str(port))
-    proc = Proc(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", app], env, logs)
+    args = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", app]
+    proc = Proc(name, args, env, logs, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -786,6 +788,19 @@ def _mib(value: float | None) -> str:
     return "?" if value is None else f"{value:.0f}"
 
 
+def bench_env(redis_url: str) -> dict[str, str]:
+    """The environment of every process the bench starts.
+
+    WEB_CONCURRENCY and GUNICORN_* pass through (to both apps alike); settings that would point
+    the processes elsewhere do not."""
+    dropped = ("FIREHOSE_", "PARTNER_", "RETRY_", "CELERY_", "REDIS_", "PROMETHEUS_MULTIPROC_DIR", "PORT")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env.update(
+        {"FIREHOSE_AUTH_TOKEN": TOKEN, "PARTNER_RATE_LIMIT": "none", "PYTHONUNBUFFERED": "1", "REDIS_URL": redis_url}
+    )
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny numbers: a check that the bench runs, no results")
@@ -809,18 +824,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_wrk()
 
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
-    # WEB_CONCURRENCY and GUNICORN_* pass through (to both apps alike); settings that would point the
-    # processes elsewhere do not.
-    dropped = ("FIREHOSE_", "PARTNER_", "RETRY_", "CELERY_", "REDIS_", "PROMETHEUS_MULTIPROC_DIR", "PORT")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
-    env.update(
-        {
-            "FIREHOSE_AUTH_TOKEN": TOKEN,
-            "PARTNER_RATE_LIMIT": "none",
-            "PYTHONUNBUFFERED": "1",
-            "REDIS_URL": f"{cfg.redis_base}/{cfg.ingest_db}",
-        }
-    )
+    env = bench_env(f"{cfg.redis_base}/{cfg.ingest_db}")
     started = time.monotonic()
     ok = False
     try:
