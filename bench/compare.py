@@ -26,7 +26,7 @@ from typing import Any
 import redis
 
 from bench import perf
-from devtools.procs import ROOT, Proc
+from devtools.procs import ROOT, Proc, start_gunicorn
 
 BODIES = {
     "ios": perf.ios_body,
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         servers = {}
         for name, (app, cwd) in sides.items():
-            servers[name] = perf.start_gunicorn(app, env, scratch, f"compare-{len(servers)}", cwd=cwd)
+            servers[name] = start_gunicorn(app, env, scratch, f"compare-{len(servers)}", cwd=cwd)
             procs.append(servers[name][0])
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
         order = list(sides)

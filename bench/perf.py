@@ -47,7 +47,7 @@ import requests
 
 from bench.fault_run import API_KEY, TOKEN, drained
 from common.keys import Keys
-from devtools.procs import BIN, ROOT, Proc, free_port, start_stub, start_worker, wait_for
+from devtools.procs import BIN, ROOT, Proc, start_gunicorn, start_stub, start_worker, wait_for
 from service.ingest import _ACCEPT
 
 SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
@@ -109,27 +109,6 @@ def membership_body(n_profiles: int) -> bytes:
 
 
 # ---------------------------------------------------------------------------- processes
-
-
-def start_gunicorn(app: str, env: dict[str, str], logs: Path, name: str, cwd: Path = ROOT) -> tuple[Proc, str]:
-    """gunicorn -c gunicorn.conf.py APP on a free loopback port, as devtools.procs.start_web does;
-    from another checkout of the project with `cwd` (its gunicorn.conf.py and its code)."""
-    port = free_port()
-    env = dict(env, PORT=str(port))
-    args = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", app]
-    proc = Proc(name, args, env, logs, cwd=cwd)
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"{name} exited:\n{proc.output()[-3000:]}")
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    wait_for(healthy, 30, 0.1, f"{name} to answer /healthz")
-    return proc, url
 
 
 def children(pid: int) -> list[int]:

@@ -102,22 +102,29 @@ def start_worker(name: str, env: dict[str, str], logs_dir: Path, concurrency: in
     return proc
 
 
-def start_web(env: dict[str, str], logs_dir: Path, name: str = "web") -> tuple[Proc, str]:
+def start_gunicorn(app: str, env: dict[str, str], logs_dir: Path, name: str, cwd: Path = ROOT) -> tuple[Proc, str]:
+    """gunicorn -c gunicorn.conf.py APP on a free loopback port, once it answers /healthz; from
+    another checkout of the project with `cwd` (its gunicorn.conf.py and its code)."""
     port = free_port()
-    env = dict(env, PORT=str(port), WEB_CONCURRENCY="2")
-    proc = Proc(name, [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "service:create_app()"], env, logs_dir)
+    env = dict(env, PORT=str(port))
+    args = [str(BIN / "gunicorn"), "-c", "gunicorn.conf.py", "--bind", f"127.0.0.1:{port}", app]
+    proc = Proc(name, args, env, logs_dir, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
         if proc.popen.poll() is not None:
-            raise AssertionError(f"web exited:\n{proc.output()[-3000:]}")
+            raise AssertionError(f"{name} exited:\n{proc.output()[-3000:]}")
         try:
             return requests.get(f"{url}/healthz", timeout=1).status_code == 200
         except requests.RequestException:
             return False
 
-    wait_for(healthy, 30, 0.1, "gunicorn to answer /healthz")
+    wait_for(healthy, 30, 0.1, f"{name} to answer /healthz")
     return proc, url
+
+
+def start_web(env: dict[str, str], logs_dir: Path, name: str = "web") -> tuple[Proc, str]:
+    return start_gunicorn("service:create_app()", dict(env, WEB_CONCURRENCY="2"), logs_dir, name)
 
 
 def start_stub(env: dict[str, str], logs_dir: Path, name: str = "partner-stub") -> tuple[Proc, Stub]:
