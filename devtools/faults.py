@@ -76,6 +76,16 @@ class Results:
         with open(self.path, "ab") as handle:
             handle.write(orjson.dumps(row) + b"\n")
 
+    def record_tally(self, fault: str, tally: Tally, notes: str) -> None:
+        """A row for answers only (no delivery): inputs, 5xx and 2xx counted from `tally`."""
+        self.record(
+            fault,
+            inputs=tally.inputs,
+            status_5xx=tally.between(500, 600),
+            accepted=tally.between(200, 300),
+            notes=notes,
+        )
+
 
 @dataclass
 class Tally:

@@ -21,6 +21,14 @@ from tests.test_delivery_policy import TOKEN, Stack, make_stack
 
 STACK_DB = 5
 FUZZ_DB = 6
+# What every fault stack runs with: no partner limit in the way, attempts enough to outlast an
+# outage of several seconds, and a dead worker's messages back within seconds, not minutes.
+FAULT_SETTINGS = {
+    "PARTNER_RATE_LIMIT": "1000/second",
+    "RETRY_MAX_ATTEMPTS": "40",
+    "BROKER_VISIBILITY_TIMEOUT": "6",
+    "PUMP_CLAIM_IDLE_MS": "2000",
+}
 
 _results_path: Path | None = None
 
@@ -84,11 +92,7 @@ def fault_stack(fault_stub: Stub, logs_dir: Path, fault_token: str) -> Iterator[
         "faults",
         workers=2,
         FIREHOSE_AUTH_TOKEN=f"{TOKEN},{fault_token}",
-        PARTNER_RATE_LIMIT="1000/second",
-        # An outage of several seconds must not use up the attempts: ~0.5 s apart, 40 of them.
-        RETRY_MAX_ATTEMPTS="40",
-        BROKER_VISIBILITY_TIMEOUT="6",
-        PUMP_CLAIM_IDLE_MS="2000",
+        **FAULT_SETTINGS,
         GUNICORN_TIMEOUT="10",
         LOG_LEVEL="DEBUG",
     )

@@ -371,12 +371,8 @@ def _run_fuzz(name: str, examples: int, send: Send, results: Results, token: str
     try:
         run()
     finally:
-        results.record(
-            name,
-            inputs=tally.inputs,
-            status_5xx=tally.between(500, 600),
-            accepted=tally.between(200, 300),
-            notes=f"answers: {tally.summary()}; distinct problems: {len(problems.found)}; FUZZ_SEED={FUZZ_SEED}",
+        results.record_tally(
+            name, tally, f"answers: {tally.summary()}; distinct problems: {len(problems.found)}; FUZZ_SEED={FUZZ_SEED}"
         )
     assert not problems.found, f"FUZZ_SEED={FUZZ_SEED}\n{problems.report()}"
 
@@ -432,12 +428,10 @@ def test_arbitrary_bytes_and_json_through_the_test_client(
     try:
         run()
     finally:
-        fault_results.record(
+        fault_results.record_tally(
             "Hypothesis: arbitrary bytes and JSON values as the body (test client)",
-            inputs=tally.inputs,
-            status_5xx=tally.between(500, 600),
-            accepted=tally.between(200, 300),
-            notes=f"answers: {tally.summary()}; FUZZ_SEED={FUZZ_SEED}",
+            tally,
+            f"answers: {tally.summary()}; FUZZ_SEED={FUZZ_SEED}",
         )
     assert not problems.found, f"FUZZ_SEED={FUZZ_SEED}\n{problems.report()}"
 
@@ -498,12 +492,8 @@ def test_wrong_type_for_every_envelope_field(client: FlaskClient, fault_results:
                 problem = expectation_problem(body, True, response.status_code, response.content_type, response.data)
                 if problem:
                     problems.add(f"{kind}.{field} as {label}: {problem}", body, "token")
-    fault_results.record(
-        "Every envelope field of every type as every JSON type (test client)",
-        inputs=tally.inputs,
-        status_5xx=tally.between(500, 600),
-        accepted=tally.between(200, 300),
-        notes=f"answers: {tally.summary()}",
+    fault_results.record_tally(
+        "Every envelope field of every type as every JSON type (test client)", tally, f"answers: {tally.summary()}"
     )
     assert not problems.found, problems.report()
 
@@ -607,12 +597,10 @@ def test_schemathesis_against_the_running_service(fault_stack: Stack, fault_toke
                 failures.setdefault(case.operation.label, f"{str(exc)[:1500]}")
 
         run()
-    fault_results.record(
+    fault_results.record_tally(
         "Schemathesis against the running service's /openapi.json",
-        inputs=tally.inputs,
-        status_5xx=tally.between(500, 600),
-        accepted=tally.between(200, 300),
-        notes=f"{len(operations)} operations; answers: {tally.summary()}; failing operations: {len(failures)}",
+        tally,
+        f"{len(operations)} operations; answers: {tally.summary()}; failing operations: {len(failures)}",
     )
     assert tally.inputs > 0
     assert not failures, "\n\n".join(f"{label}:\n{text}" for label, text in failures.items())

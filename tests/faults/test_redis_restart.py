@@ -21,6 +21,7 @@ import requests
 from devtools.faults import KIND_SAMPLES, RedisServer, Results, error_shape_problem, fresh_message, ledger, new_secret
 from devtools.procs import start_web, start_worker
 from tests.conftest import base_env
+from tests.faults.conftest import FAULT_SETTINGS
 from tests.support import Stub, wait_for
 from tests.test_delivery_policy import Stack
 
@@ -47,12 +48,9 @@ def restart_stack(
         server.url,
         PARTNER_API_URL=fault_stub.url,
         FIREHOSE_AUTH_TOKEN=fault_token,
-        RETRY_MAX_ATTEMPTS="40",
+        **FAULT_SETTINGS,
         RETRY_BACKOFF_MAX="1",
         PARTNER_TIMEOUT_SECONDS="4",
-        PARTNER_RATE_LIMIT="1000/second",
-        BROKER_VISIBILITY_TIMEOUT="6",
-        PUMP_CLAIM_IDLE_MS="2000",
     )
     procs = [start_worker("faults-restart-worker", env, logs_dir)]
     try:
