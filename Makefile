@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test faults bench bench-smoke lint lint-deploy fmt clean
+.PHONY: install up test test-fast faults bench bench-smoke lint lint-deploy fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,14 +16,19 @@ install: $(STAMP)
 up: $(STAMP)
 	./devtools/up.sh
 
-## The whole test suite, against the Redis at TEST_REDIS_URL (default 127.0.0.1:6379, db 11).
+## The whole suite: tests/unit, then tests/e2e (real gunicorn, Celery workers and partner stub).
+## It starts a private redis-server on a free loopback port for the run (TEST_REDIS_URL: use another).
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
-## The fault and fuzz suite alone (tests/faults/, also part of `make test`), then its figures as a table.
+## The fast tier (under 20 s): tests/unit, in-process against the private redis-server; no subprocesses.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest tests/unit
+
+## The fault and fuzz suite alone (tests/e2e/faults/, also part of `make test`), then its figures as a table.
 faults: $(STAMP)
 	@results=$$(mktemp -d)/fault-results.jsonl; \
-	FAULT_RESULTS=$$results $(VENV)/bin/pytest tests/faults; status=$$?; \
+	FAULT_RESULTS=$$results $(VENV)/bin/pytest tests/e2e/faults; status=$$?; \
 	$(PY) -m devtools.fault_table $$results; exit $$status
 
 ## The benchmark (under 10 minutes): relay against a bare Flask app side by side, end to end, memory;

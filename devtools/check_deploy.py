@@ -4,7 +4,7 @@ What the image holds is worked out from the files that define it: the build cont
 .dockerignore lets in, the executables are the console scripts of the distributions that
 requirements.txt pulls in (not requirements-dev.txt), and each role's command is run in a
 copy of that context in a form that loads everything and then exits (`--help`,
-`gunicorn --check-config`). tests/test_deploy_files.py runs the same checks under pytest;
+`gunicorn --check-config`). tests/e2e/test_deploy_files.py runs the same checks under pytest;
 `make lint-deploy` runs hadolint and this. `--wheels` also asks PyPI whether requirements.txt
 installs from wheels alone on amd64 and arm64, as the Dockerfile's builder requires.
 """

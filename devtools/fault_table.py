@@ -1,6 +1,6 @@
 """The fault suite's figures as a markdown table.
 
-tests/faults/ writes one JSON line per fault or fuzz run (devtools.faults.Results) to the
+tests/e2e/faults/ writes one JSON line per fault or fuzz run (devtools.faults.Results) to the
 file named by FAULT_RESULTS, or to pytest's temporary directory; this prints them:
 
     .venv/bin/python -m devtools.fault_table RESULTS.jsonl

@@ -1,4 +1,4 @@
-"""What the fault and fuzz suite (tests/faults/) shares: its figures, fresh messages, the
+"""What the fault and fuzz suite (tests/e2e/faults/) shares: its figures, fresh messages, the
 partner's ledger by idempotency key, the one error shape, a private Redis, misbehaving
 HTTP clients and the secrets it sent.
 
@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 import requests
 
 from devtools.partner_stub.client import Stub
-from devtools.procs import Proc, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
@@ -222,65 +220,6 @@ def error_shape_problem(status: int, content_type: str | None, body: bytes) -> s
 
 
 # ----------------------------------------------------------------------- private Redis
-
-
-class RedisServer:
-    """A redis-server of the suite's own, append-only and fsync on every write, to kill and restart."""
-
-    def __init__(self, data_dir: Path, logs_dir: Path, name: str = "faults-redis") -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.logs_dir = logs_dir
-        self.name = name
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Proc | None = None
-        self.starts = 0
-
-    def start(self) -> None:
-        self.starts += 1
-        args = [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--dir",
-            str(self.data_dir),
-            "--maxmemory-policy",
-            "noeviction",
-        ]
-        self.proc = Proc(f"{self.name}-{self.starts}", args, dict(os.environ), self.logs_dir)
-        client = redis.Redis.from_url(self.url, socket_timeout=1, socket_connect_timeout=1)
-
-        def ready() -> bool:
-            if self.proc is not None and self.proc.popen.poll() is not None:
-                raise AssertionError(f"redis-server exited:\n{self.proc.output()[-2000:]}")
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        wait_for(ready, 20, 0.05, "the private redis-server to answer")
-        client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, not a shutdown; only what was fsynced survives."""
-        import signal
-
-        assert self.proc is not None
-        self.proc.signal(signal.SIGKILL)
-        self.proc.popen.wait(10)
-        self.proc.stop()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
 
 
 # ------------------------------------------------------------------- raw HTTP clients

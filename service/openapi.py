@@ -2,7 +2,7 @@
 
 Paths come from the app's own URL map, so a route cannot be served without being listed:
 a route with no entry in OPERATIONS still appears, marked `x-undocumented`, and the test
-(tests/test_openapi.py) fails on that mark. Request and response bodies are the wire
+(tests/unit/test_openapi.py) fails on that mark. Request and response bodies are the wire
 schemas of `schemas/`; the few classes below only add what documentation needs and
 validation does not (a `type` enum per message, so a reader can tell the bodies apart).
 """

@@ -1,4 +1,8 @@
-"""Fixtures with real parts: a real Redis, the partner stub, gunicorn and Celery workers."""
+"""Fixtures with real parts: the suite's own Redis, the partner stub, gunicorn and Celery workers.
+
+The Redis is a private redis-server started for the run (tests/support/redis.py), so the suite
+needs nothing running beforehand and never empties anyone else's databases.
+"""
 
 from __future__ import annotations
 
@@ -10,26 +14,31 @@ import pytest
 import redis as redis_lib
 
 from devtools.procs import start_stub, start_web, start_worker
-from tests.support import Proc, Stub
+from tests.support import DATABASES, MAIN_DB, Proc, Stub, base_env, redis_db
+from tests.support import redis as suite_redis
 
-# A database of its own on the machine's Redis, emptied at the start of the run.
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+_REDIS_LINE = pytest.StashKey[str]()
 
 
-def redis_db(db: int) -> str:
-    """Another database on the test Redis, for a stack of its own."""
-    return REDIS_URL.rsplit("/", 1)[0] + f"/{db}"
+def pytest_configure(config: pytest.Config) -> None:
+    # Before collection: some test modules build URLs of the suite's Redis at import time.
+    line = suite_redis.start()
+    for db in DATABASES:
+        suite_redis.flush(db)
+    config.stash[_REDIS_LINE] = line
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return config.stash.get(_REDIS_LINE, "")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    suite_redis.stop()
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    client = redis_lib.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis_lib.RedisError as exc:
-        pytest.exit(f"these tests need a Redis at {REDIS_URL}: {exc}", returncode=2)
-    client.flushdb()
-    return REDIS_URL
+    return redis_db(MAIN_DB)
 
 
 @pytest.fixture
@@ -40,25 +49,6 @@ def redis_client(redis_url: str) -> redis_lib.Redis:
 @pytest.fixture(scope="session")
 def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
-
-
-def base_env(redis_url: str, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREHOSE_", "PARTNER_", "RETRY_"))}
-    env.update(
-        {
-            "REDIS_URL": redis_url,
-            "PYTHONUNBUFFERED": "1",
-            # Short waits through configuration, never a mocked clock.
-            "RETRY_BACKOFF_BASE": "0.2",
-            "RETRY_BACKOFF_MAX": "2",
-            "PUMP_BLOCK_MS": "100",
-            "PUMP_CLAIM_IDLE_MS": "3000",
-            "BROKER_VISIBILITY_TIMEOUT": "30",
-            "BROKER_RESTORE_INTERVAL_SECONDS": "2",
-        }
-    )
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ import orjson
 import pytest
 import requests
 
-from tests.support import Stub, sample, wait_for
-from tests.test_delivery_policy import TOKEN, Stack, make_stack
+from tests.support import AUDIENCES_DB, Stub, sample, wait_for
+from tests.support.stack import TOKEN, Stack, make_stack
 
 AUDIENCES = (101, 202, 303)
 
@@ -55,7 +55,9 @@ def membership(api_key: str, ts: int, changes: list[tuple[str, int, str]], accou
 
 @pytest.fixture(scope="module")
 def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
-    s = make_stack(15, stub, logs_dir, "audiences", workers=2, PARTNER_RATE_LIMIT="none", RETRY_MAX_ATTEMPTS="12")
+    s = make_stack(
+        AUDIENCES_DB, stub, logs_dir, "audiences", workers=2, PARTNER_RATE_LIMIT="none", RETRY_MAX_ATTEMPTS="12"
+    )
     yield s
     s.stop()
 

@@ -22,7 +22,7 @@ from common.keys import Keys
 from devtools.faults import KIND_SAMPLES, Results, fresh_message, ledger, new_secret, post, sha
 from devtools.procs import start_worker
 from tests.support import Stub, wait_for
-from tests.test_delivery_policy import Stack
+from tests.support.stack import Stack
 from workers import dead_letters
 
 KEYS = Keys("fr")

@@ -33,8 +33,7 @@ import requests
 from common.config import Settings
 from common.redis_conn import ingest_client, tls_options, worker_client
 from devtools import check_deploy
-from tests.conftest import base_env
-from tests.support import BIN, ROOT, Proc, Stub, free_port, sample, wait_for
+from tests.support import BIN, ROOT, Proc, Stub, base_env, free_port, sample, wait_for
 from workers.celery_app import celery_config
 
 # --- Dockerfile -----------------------------------------------------------------------------

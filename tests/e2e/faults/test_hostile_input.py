@@ -50,10 +50,8 @@ from devtools.faults import (
 )
 from schemas.messages import REGISTRATION, RESPONSES
 from service import create_app
-from tests.conftest import redis_db
-from tests.faults.conftest import FUZZ_DB
-from tests.support import Stub, wait_for
-from tests.test_delivery_policy import Stack
+from tests.support import FUZZ_DB, Stub, redis_db, wait_for
+from tests.support.stack import Stack
 from workers import dead_letters
 
 KEYS = Keys("fr")

@@ -33,10 +33,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from common import stats
 from common.config import Settings
 from common.keys import Keys
+from devtools.procs import start_web
 from service import create_app
 from service.metrics import RedisCollector
-from tests.conftest import base_env, start_web
-from tests.support import ROOT, sample, wait_for
+from tests.support import ROOT, base_env, sample, wait_for
 
 TOKEN = "metrics-token"
 AUTH = {"Authorization": f"Token {TOKEN}"}

@@ -15,7 +15,7 @@ from common.keys import Keys
 from devtools.faults import Results, fresh_message, leaks, new_secret, post, sha
 from service import create_app
 from tests.support import Stub, wait_for
-from tests.test_delivery_policy import Stack
+from tests.support.stack import Stack
 from workers import dead_letters
 
 KEYS = Keys("fr")

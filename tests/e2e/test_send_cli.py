@@ -17,9 +17,9 @@ from flask import Flask
 
 from common.config import Settings
 from common.keys import Keys
+from devtools.procs import start_web
 from service import create_app
-from tests.conftest import base_env, start_web
-from tests.support import sample
+from tests.support import base_env, sample
 
 TOKEN = f"cli-{uuid.uuid4().hex}"
 

@@ -30,8 +30,8 @@ from common.logging_setup import (
     redact_text,
     reset_log_context,
 )
-from tests.conftest import base_env, start_web, start_worker
-from tests.support import Stub, sample, wait_for
+from devtools.procs import start_web, start_worker
+from tests.support import Stub, base_env, sample, wait_for
 from workers import dead_letters
 
 SECRET = "sk_live_9f8e7d6c5b4a"

@@ -5,127 +5,25 @@ a clock of the system under test.
 
 from __future__ import annotations
 
-import hashlib
 import signal
-import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
 import pytest
-import redis as redis_lib
-import requests
 from flask.testing import FlaskCliRunner
 
 from common.config import Settings
-from common.keys import Keys
+from devtools.procs import start_worker
 from service import create_app
-from tests.conftest import base_env, redis_db, start_web, start_worker
-from tests.support import Proc, Stub, sample, wait_for
+from tests.support import BATCHING_DB, POLICY_DB, Stub, wait_for
+from tests.support.stack import KEYS, Stack, all_event_ids, calls_for, delivered_events, make_stack, sha
 from workers import dead_letters
-
-TOKEN = "policy-token"
-KEYS = Keys("fr")
-
-
-@dataclass
-class Stack:
-    url: str
-    redis_url: str
-    redis: redis_lib.Redis
-    env: dict[str, str]
-    workers: list[Proc]
-    logs_dir: Path
-
-    def send(self, api_key: str, events: int = 2) -> dict:
-        """An event batch with fresh message and event ids, posted to the web."""
-        message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
-        message["id"] = str(uuid.uuid4())
-        message["account"]["account_settings"]["apiKey"] = api_key
-        template = message["events"][0]
-        message["events"] = [dict(template, id=str(uuid.uuid4())) for _ in range(events)]
-        response = requests.post(
-            f"{self.url}/firehose",
-            data=orjson.dumps(message),
-            headers={"Authorization": f"Token {TOKEN}"},
-            timeout=10,
-        )
-        assert response.status_code == 202, response.text
-        return message
-
-    def stop(self) -> None:
-        for proc in self.workers:
-            proc.stop()
-
-    def quiet(self, stub: Stub) -> Stub:
-        """The stub, reset once this stack has finished with what earlier tests queued."""
-        wait_for(self.drained, 60, what="earlier work to drain")
-        stub.reset()
-        return stub
-
-    def drained(self) -> bool:
-        """Nothing in the inbox, the retry schedule, Celery's queue or a worker's hands.
-
-        Asked twice, a little apart: a task moving from Celery's queue to a worker's unacked
-        set is briefly in neither.
-        """
-        r = self.redis
-
-        def empty() -> bool:
-            return (
-                r.xlen(KEYS.inbox) == 0
-                and r.zcard(KEYS.retry_schedule) == 0
-                and r.llen("firehose") == 0
-                and r.hlen("unacked") == 0
-            )
-
-        if not empty():
-            return False
-        time.sleep(0.3)
-        return empty()
-
-
-def sha(api_key: str) -> str:
-    return hashlib.sha256(api_key.encode()).hexdigest()
-
-
-def calls_for(stub: Stub, api_key: str) -> list[dict]:
-    return [r for r in stub.requests("/v1/events") if r["api_key_sha256"] == sha(api_key)]
-
-
-def delivered_events(stub: Stub, api_key: str) -> dict[str, int]:
-    return stub.state()["events_by_api_key"].get(sha(api_key), {})
-
-
-def all_event_ids(messages: list[dict]) -> set[str]:
-    return {event["id"] for message in messages for event in message["events"]}
-
-
-def make_stack(db: int, stub: Stub, logs_dir: Path, name: str, workers: int = 1, **env: str) -> Stack:
-    redis_url = redis_db(db)
-    client = redis_lib.Redis.from_url(redis_url)
-    client.flushdb()
-    settings = {
-        "PARTNER_API_URL": stub.url,
-        "FIREHOSE_AUTH_TOKEN": TOKEN,
-        "RETRY_BACKOFF_BASE": "0.2",
-        "RETRY_BACKOFF_MAX": "1",
-        "RETRY_MAX_ATTEMPTS": "5",
-        "PARTNER_TIMEOUT_SECONDS": "4",
-    }
-    environment = base_env(redis_url, **(settings | env))
-    procs = [start_worker(f"{name}-worker{i}", environment, logs_dir) for i in range(workers)]
-    web_proc, url = start_web(environment, logs_dir, name=f"{name}-web")
-    procs.append(web_proc)
-    return Stack(url, redis_url, client, environment, procs, logs_dir)
 
 
 @pytest.fixture(scope="module")
 def stack(stub: Stub, logs_dir: Path) -> Iterator[Stack]:
     s = make_stack(
-        12,
+        POLICY_DB,
         stub,
         logs_dir,
         "policy",
@@ -234,7 +132,7 @@ def test_rate_limit_holds_across_worker_processes(stub: Stub, logs_dir: Path) ->
     limit = 5
     # One message a call, so the partner sees as many calls as messages.
     s = make_stack(
-        13,
+        BATCHING_DB,
         stub,
         logs_dir,
         "rate",
@@ -260,7 +158,9 @@ def test_rate_limit_holds_across_worker_processes(stub: Stub, logs_dir: Path) ->
 
 
 def test_event_batches_for_one_key_share_partner_calls(stub: Stub, logs_dir: Path) -> None:
-    s = make_stack(13, stub, logs_dir, "batching", DELIVERY_BATCH_WAIT_MS="300", DELIVERY_BATCH_MAX_MESSAGES="10")
+    s = make_stack(
+        BATCHING_DB, stub, logs_dir, "batching", DELIVERY_BATCH_WAIT_MS="300", DELIVERY_BATCH_MAX_MESSAGES="10"
+    )
     try:
         messages = [s.send("batched-key", events=3) for _ in range(30)]
         messages += [s.send("other-key", events=1) for _ in range(3)]

@@ -23,9 +23,9 @@ import redis as redis_lib
 
 from common.config import Settings
 from common.keys import Keys
+from devtools.procs import start_web, start_worker
 from service import create_app
-from tests.conftest import base_env, start_web, start_worker
-from tests.support import Proc, Stub, sample, wait_for
+from tests.support import Proc, Stub, base_env, sample, wait_for
 
 KEYS = Keys("fr")
 LATENCY_MS = 2000

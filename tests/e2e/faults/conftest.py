@@ -16,19 +16,8 @@ import pytest
 from devtools.fault_table import load, render
 from devtools.faults import RESULTS_ENV, Results, new_secret
 from devtools.procs import start_stub
-from tests.support import Stub, wait_for
-from tests.test_delivery_policy import TOKEN, Stack, make_stack
-
-STACK_DB = 5
-FUZZ_DB = 6
-# What every fault stack runs with: no partner limit in the way, attempts enough to outlast an
-# outage of several seconds, and a dead worker's messages back within seconds, not minutes.
-FAULT_SETTINGS = {
-    "PARTNER_RATE_LIMIT": "1000/second",
-    "RETRY_MAX_ATTEMPTS": "40",
-    "BROKER_VISIBILITY_TIMEOUT": "6",
-    "PUMP_CLAIM_IDLE_MS": "2000",
-}
+from tests.support import FAULTS_DB, Stub, wait_for
+from tests.support.stack import FAULT_SETTINGS, TOKEN, Stack, make_stack
 
 _results_path: Path | None = None
 
@@ -86,7 +75,7 @@ def fault_stub(logs_dir: Path) -> Iterator[Stub]:
 def fault_stack(fault_stub: Stub, logs_dir: Path, fault_token: str) -> Iterator[Stack]:
     """Two workers (four deliveries in flight) and gunicorn, logging everything at DEBUG."""
     stack = make_stack(
-        STACK_DB,
+        FAULTS_DB,
         fault_stub,
         logs_dir,
         "faults",

@@ -18,12 +18,11 @@ import pytest
 import redis as redis_lib
 import requests
 
-from devtools.faults import KIND_SAMPLES, RedisServer, Results, error_shape_problem, fresh_message, ledger, new_secret
+from devtools.faults import KIND_SAMPLES, Results, error_shape_problem, fresh_message, ledger, new_secret
 from devtools.procs import start_web, start_worker
-from tests.conftest import base_env
-from tests.faults.conftest import FAULT_SETTINGS
-from tests.support import Stub, wait_for
-from tests.test_delivery_policy import Stack
+from devtools.redis_server import RedisServer
+from tests.support import Stub, base_env, wait_for
+from tests.support.stack import FAULT_SETTINGS, Stack
 
 KINDS = list(KIND_SAMPLES)
 
@@ -42,7 +41,7 @@ class Answer:
 def restart_stack(
     fault_stub: Stub, logs_dir: Path, tmp_path_factory: pytest.TempPathFactory, fault_token: str
 ) -> Iterator[tuple[RedisServer, Stack]]:
-    server = RedisServer(tmp_path_factory.mktemp("redis-aof"), logs_dir)
+    server = RedisServer(tmp_path_factory.mktemp("redis-aof"), logs_dir, name="faults-redis", durable=True)
     server.start()
     env = base_env(
         server.url,

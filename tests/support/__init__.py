@@ -1,0 +1,71 @@
+"""What the tests share: paths, the suite's Redis, environments for the real processes, sample
+messages. Test modules import from here, never from each other or from a conftest."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from devtools.partner_stub.client import Stub
+from devtools.procs import Proc, free_port, wait_for
+
+__all__ = [
+    "BIN",
+    "PYTHON",
+    "ROOT",
+    "SAMPLES",
+    "Proc",
+    "Stub",
+    "base_env",
+    "free_port",
+    "redis_db",
+    "sample",
+    "wait_for",
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+
+# The suite's databases, one per stack so stacks never see each other's keys. On the private
+# redis-server (tests/support/redis.py) every one of them is the suite's own.
+MAIN_DB = 11
+FAULTS_DB = 5
+FUZZ_DB = 6
+POLICY_DB = 12
+BATCHING_DB = 13
+AUDIENCES_DB = 15
+DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB)
+
+
+def sample(version: str, name: str) -> bytes:
+    return (SAMPLES / version / name).read_bytes()
+
+
+def redis_db(db: int) -> str:
+    """The URL of one database of the suite's Redis (set up once per run by tests/conftest.py)."""
+    from tests.support import redis as suite_redis
+
+    return f"{suite_redis.base_url()}/{db}"
+
+
+def base_env(redis_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a web or worker process under test: short waits through configuration,
+    never a mocked clock, and none of the developer's own relay settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREHOSE_", "PARTNER_", "RETRY_"))}
+    env.update(
+        {
+            "REDIS_URL": redis_url,
+            "PYTHONUNBUFFERED": "1",
+            "RETRY_BACKOFF_BASE": "0.2",
+            "RETRY_BACKOFF_MAX": "2",
+            "PUMP_BLOCK_MS": "100",
+            "PUMP_CLAIM_IDLE_MS": "3000",
+            "BROKER_VISIBILITY_TIMEOUT": "30",
+            "BROKER_RESTORE_INTERVAL_SECONDS": "2",
+        }
+    )
+    env.update(extra)
+    return env
