@@ -1,4 +1,4 @@
-"""Gunicorn settings, from the environment so Heroku, ECS and compose set them the same way."""
+"""Gunicorn settings, from the environment (through Settings) so Heroku, ECS and compose set them the same way."""
 
 import os
 import shutil
@@ -11,24 +11,32 @@ from glob import glob
 from gunicorn.glogging import Logger
 
 # The project root is on sys.path here: gunicorn changes to it before reading this file.
-from common.config import Settings
+from common.config import Settings, SettingsError
 from common.logging_setup import configure_logging, decorate
-from service.logging_setup import SUMMARY_ENVIRON_KEY, log_summary, summary_by_access_log
+from service.request_log import SUMMARY_ENVIRON_KEY, log_summary, summary_by_access_log
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+# Every value below comes from Settings (common/config.py, documented in .env.example), as the
+# app's and the workers' do. A bad one stops the server here with one line per variable:
+# gunicorn would print its own traceback around any other exception.
+try:
+    _settings = Settings.from_env()
+except SettingsError as error:
+    sys.exit(f"gunicorn.conf.py: {error}")
+
+bind = f"0.0.0.0:{_settings.port}"
+workers = _settings.web_concurrency
 # Threads, so that a few clients stalling mid-body (each read waits BODY_READ_TIMEOUT_SECONDS)
 # hold a thread each, not a whole worker: the others keep being served.
-worker_class = os.environ.get("GUNICORN_WORKER_CLASS", "gthread")
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+worker_class = _settings.gunicorn_worker_class
+threads = _settings.gunicorn_threads
 # mParticle holds connections open between batches; a keep-alive longer than its idle gap saves handshakes.
-keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "30"))
+keepalive = _settings.gunicorn_keepalive
+timeout = _settings.gunicorn_timeout
 # On SIGTERM, finish in-flight requests before exiting.
-graceful_timeout = int(os.environ.get("GUNICORN_GRACEFUL_TIMEOUT", "20"))
+graceful_timeout = _settings.gunicorn_graceful_timeout
 accesslog = "-"
 errorlog = "-"
-loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+loglevel = _settings.log_level
 # Gunicorn's control socket defaults to one path under $HOME: two servers on one host (tests,
 # a dev stack) would fight over it, and nothing here uses it.
 control_socket_disable = True
@@ -47,11 +55,11 @@ class RelayLogger(Logger):
 
     def setup(self, cfg: object) -> None:
         super().setup(cfg)
-        secrets = Settings.from_env().auth_tokens
+        secrets = _settings.auth_tokens
         for log in (self.error_log, self.access_log):
             for handler in log.handlers:
-                decorate(handler, "web", secrets)
-        configure_logging("web", self.loglevel, secrets)
+                decorate(handler, "web", secrets, _settings.log_format)
+        configure_logging("web", self.loglevel, secrets, _settings.log_format)
 
     def access(self, resp: object, req: object, environ: dict, request_time: timedelta) -> None:
         if not self.access_log_enabled:
@@ -96,6 +104,9 @@ def post_fork(server: object, worker: object) -> None:
 # when the server starts, before any worker loads the app (never at config load: `gunicorn
 # --check-config` must not leave directories behind). Unset, or inherited from an older
 # master during a USR2 upgrade, this master makes a private directory and removes it at exit.
+# These stay environment reads, not Settings: this is plumbing between this master and its
+# workers (prometheus_client reads the variable from the environment, and the hooks below set
+# it), and Settings is read once at config load, before on_starting has settled it.
 _MULTIPROC = "PROMETHEUS_MULTIPROC_DIR"
 _PRIVATE = "FIREHOSE_PRIVATE_METRICS_DIR"
 

@@ -25,6 +25,7 @@ import redis
 import requests
 
 from common.keys import Keys
+from common.names import DELIVERY_QUEUE
 from devtools.procs import start_stub, start_web, start_worker, wait_for
 
 TOKEN = "fault-run-token"
@@ -56,7 +57,7 @@ def drained(client: redis.Redis, keys: Keys) -> bool:
     return (
         client.xlen(keys.inbox) == 0
         and client.zcard(keys.retry_schedule) == 0
-        and client.llen("firehose") == 0
+        and client.llen(DELIVERY_QUEUE) == 0
         and client.hlen("unacked") == 0
     )
 

@@ -48,9 +48,11 @@ import requests
 from bench.fault_run import API_KEY, TOKEN, drained
 from common.keys import Keys
 from devtools.procs import BIN, ROOT, Proc, start_gunicorn, start_stub, start_worker, wait_for
+from devtools.samples import FIXTURES
 from service.ingest import _ACCEPT
 
-SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
+# The project's own fixtures (devtools/make_fixtures.py), so the bench runs on a fresh clone.
+SAMPLES = FIXTURES
 IOS_SAMPLE = SAMPLES / "3.2.0" / "EventProcessingRequest_ios.json"
 MEMBERSHIP_SAMPLE = SAMPLES / "3.2.0" / "AudienceMembershipChangeRequest.json"
 LUA = Path(__file__).with_name("fresh_id.lua")
@@ -68,7 +70,7 @@ def _sample(path: Path) -> dict[str, Any]:
 
 
 def ios_body() -> bytes:
-    """The 3.2.0 iOS sample byte for byte (pretty-printed, about 6 KB), its id made the placeholder."""
+    """The 3.2.0 iOS fixture byte for byte (pretty-printed, about 7 KB), its id made the placeholder."""
     raw = IOS_SAMPLE.read_bytes()
     original = _sample(IOS_SAMPLE)["id"].encode()
     assert raw.count(original) == 1, "the sample's id should appear once"
@@ -245,7 +247,7 @@ SMOKE = {
 
 
 SCENARIOS = (
-    ("ios", "(a) 3.2.0 iOS sample, 2 events (6 KB)"),
+    ("ios", "(a) 3.2.0 iOS fixture, 2 events (7 KB)"),
     ("batch100", "(b) event batch, 100 events"),
     ("verification", "(c) verification: empty event batch"),
     ("membership100", "(d) membership change, 100 profiles"),
@@ -799,7 +801,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or (None if args.smoke else RESULTS)
     for sample in (IOS_SAMPLE, MEMBERSHIP_SAMPLE):
         if not sample.is_file():
-            raise SystemExit(f"missing {sample}: set FIREHOSE_SAMPLES_DIR")
+            raise SystemExit(f"missing {sample}: run .venv/bin/python -m devtools.make_fixtures")
     ensure_wrk()
 
     logs = Path(tempfile.mkdtemp(prefix="bench-"))

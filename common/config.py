@@ -1,138 +1,482 @@
-"""Settings from the environment, documented in .env.example."""
+"""Every setting, declared once: its type, default, environment name and meaning.
+
+The web, the workers, gunicorn.conf.py and the CLIs all read `Settings.from_env()`, and
+.env.example is written from this class (`python -m devtools.env_example`), so the
+documentation cannot drift from what the code reads. A bad value stops the process at start
+with a `SettingsError` naming the variable, rather than failing later mid-request.
+"""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields
+import re
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import AliasGenerator, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUseDefault
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from common.ratelimit import RateLimit
+
+# The sections of .env.example, in order; each field names the one it belongs to.
+WHERE = "Where things are"
+ENDPOINT = "The Firehose endpoint"
+COOKIE_SYNC = "Cookie sync (GET /cookie-sync)"
+DELIVERY = "Delivery to the partner"
+BATCHING = "Batching towards the partner"
+PUMP = "The inbox pump (in each worker)"
+PROCESSES = "Processes"
+METRICS = "Metrics (GET /metrics)"
+
+_PARTNER_CLIENT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+def setting(
+    default: Any,
+    description: str,
+    *,
+    group: str,
+    env: str | None = None,
+    secret: bool = False,
+    commented: bool = False,
+    **constraints: Any,
+) -> Any:
+    """One field: `env` only where the variable is not the upper-cased field name.
+
+    `secret` keeps the value out of repr, public() and error messages, and empty in
+    .env.example; `commented` writes it there as `# NAME=` (a default that is derived).
+    """
+    return Field(
+        default,
+        description=description,
+        validation_alias=env,
+        repr=not secret,
+        json_schema_extra={"group": group, "secret": secret, "commented": commented},
+        **constraints,
+    )
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
+class SettingsError(ValueError):
+    """Bad settings, one line per variable; raised without pydantic's traceback attached."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid settings (see .env.example):\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def _str(name: str, default: str) -> str:
-    return os.environ.get(name, "").strip() or default
+# Set only while from_env() builds an instance: see settings_customise_sources.
+_from_environment: ContextVar[bool] = ContextVar("firehose_settings_from_environment", default=False)
 
 
-SSL_CERT_REQS = ("required", "optional", "none")
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        frozen=True,
+        # Every variable is the upper-cased field name unless the field gives `env`; the field
+        # name is still accepted in code (Settings(redis_url=...)). Case-sensitive, so the only
+        # other name the environment is searched for is the lower-case field name itself.
+        alias_generator=AliasGenerator(validation_alias=str.upper),
+        validate_by_name=True,
+        validate_by_alias=True,
+        case_sensitive=True,
+        # Lists are comma-separated, not JSON (see _comma_list).
+        enable_decoding=False,
+        env_ignore_empty=True,
+        # The defaults are written right here (and a test validates them); validating them on
+        # every build would meet the empty broker_url default with "empty means the default".
+        validate_default=False,
+        allow_inf_nan=False,
+        extra="forbid",
+    )
 
+    # --- Where things are ----------------------------------------------------------------
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "Redis: durable inbox, dedupe keys, dead letters and Celery's broker. rediss:// for TLS.\n"
+        "`make up` starts a private redis-server when this is unset.",
+        group=WHERE,
+    )
+    # Checked here because a typo must stop the process, not quietly change TLS.
+    redis_ssl_cert_reqs: Literal["required", "optional", "none"] = setting(
+        "required",
+        "Certificate check for a rediss:// URL (REDIS_URL and CELERY_BROKER_URL) that carries no "
+        "?ssl_cert_reqs= of its own: required | optional | none. Heroku Redis serves a self-signed "
+        "certificate on a bare rediss:// URL: set none there. Ignored for redis://.",
+        group=WHERE,
+    )
+    broker_url: str = setting(
+        "",
+        "Celery's broker, if it must differ from REDIS_URL.",
+        group=WHERE,
+        env="CELERY_BROKER_URL",
+        commented=True,
+    )
+    partner_api_url: str = setting(
+        "http://127.0.0.1:9400",
+        "The partner API the workers deliver to (the reference contract in docs/partner-api.md).",
+        group=WHERE,
+    )
+    port: int = setting(8000, "Web port (Heroku sets it).", group=WHERE, ge=1, le=65535)
 
-def redis_ssl_cert_reqs_from_env() -> str:
-    """REDIS_SSL_CERT_REQS, checked: a typo must stop the process, not quietly change TLS."""
-    value = _str("REDIS_SSL_CERT_REQS", "required").lower()
-    if value not in SSL_CERT_REQS:
-        raise ValueError(f"REDIS_SSL_CERT_REQS must be one of {', '.join(SSL_CERT_REQS)}, not {value!r}")
-    return value
-
-
-def _tokens(raw: str) -> tuple[str, ...]:
+    # --- The Firehose endpoint -------------------------------------------------------------
     # A comma-separated list lets an operator rotate the inbound token without downtime.
-    return tuple(t.strip() for t in raw.split(",") if t.strip())
+    auth_tokens: tuple[str, ...] = setting(
+        (),
+        "The token mParticle sends as `Authorization: Token <token>`. Comma-separate several to "
+        "rotate without downtime. Empty = no check (registration never needs one).",
+        group=ENDPOINT,
+        env="FIREHOSE_AUTH_TOKEN",
+        secret=True,
+    )
+    max_body_bytes: int = setting(5 * 1024 * 1024, "Larger bodies are answered 413.", group=ENDPOINT, gt=0)
+    unauthenticated_max_body_bytes: int = setting(
+        64 * 1024,
+        "Without a valid token only a (small) registration request is possible: larger bodies get 413.",
+        group=ENDPOINT,
+        gt=0,
+    )
+    body_read_timeout_seconds: float = setting(
+        5.0,
+        "Seconds each read of a request body may wait for the client; a stalled client gets 408, not a worker.",
+        group=ENDPOINT,
+        gt=0,
+    )
+    dedup_ttl_seconds: int = setting(
+        86400,
+        "A message id seen within this many seconds is answered 2xx again and not queued twice. "
+        "Each id costs Redis about 133 bytes for this long: 21 GiB at 2,000 messages/s for 24 h "
+        '(README, "Sizing Redis"); shorten it at high rates.',
+        group=ENDPOINT,
+        gt=0,
+    )
+    ingest_redis_timeout_ms: int = setting(
+        60,
+        "The request path's Redis budget (the whole round trip must fit in mParticle's 100 ms); "
+        "past it the answer is 503 + Retry-After (mParticle retries).",
+        group=ENDPOINT,
+        gt=0,
+    )
+    key_prefix: str = setting(
+        "fr", "Prefix of every Redis key the service writes.", group=ENDPOINT, env="REDIS_KEY_PREFIX"
+    )
 
+    # --- Cookie sync ------------------------------------------------------------------------
+    cookie_sync_allowed_hosts: tuple[str, ...] = setting(
+        ("pixels.mparticle.com",),
+        "Hosts the browser may be redirected back to, comma-separated; a leading dot allows subdomains. "
+        "Anything else is refused with 400, so the endpoint is never an open redirect.",
+        group=COOKIE_SYNC,
+    )
+    cookie_sync_macro: str = setting(
+        "%%partner_id%%",
+        "The placeholder in mParticle's redirect URL that receives the partner id (appended as "
+        "partner_id=... when the URL has none).",
+        group=COOKIE_SYNC,
+    )
+    cookie_sync_cookie: str = setting("fr_uid", "The partner's first-party id cookie.", group=COOKIE_SYNC)
 
-@dataclass(frozen=True)
-class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    # Where Celery keeps its queues; defaults to REDIS_URL.
-    broker_url: str = ""
-    # Certificate check for rediss:// URLs that do not say (?ssl_cert_reqs=...): Heroku Redis
-    # gives a bare rediss:// URL with a self-signed certificate, so it needs "none" from here.
-    redis_ssl_cert_reqs: str = "required"
-    auth_tokens: tuple[str, ...] = field(default=(), repr=False)
-    partner_api_url: str = "http://127.0.0.1:9400"
-    max_body_bytes: int = 5 * 1024 * 1024
-    dedup_ttl_seconds: int = 86400
-    # Each read of a request body from the client; a stalled client gets 408, not a worker.
-    body_read_timeout_seconds: float = 5.0
-    # Requests without a valid token can only be registrations, which are small.
-    unauthenticated_max_body_bytes: int = 64 * 1024
-    # The whole Redis round trip of the request path must fit in mParticle's 100 ms budget.
-    ingest_redis_timeout_ms: int = 60
-    key_prefix: str = "fr"
-    partner_timeout_seconds: float = 10.0
-    retry_max_attempts: int = 8
-    retry_backoff_base: float = 2.0
-    retry_backoff_max: float = 600.0
-    retry_max_age_seconds: int = 86400
-    # A hostile or broken Retry-After must not park an API key for days.
-    retry_after_max_seconds: float = 600.0
-    # Tasks never wait in a worker (retries go to the retry schedule), so this only has to
-    # outlast the longest delivery: a task held longer by a dead worker is handed to another.
-    broker_visibility_timeout: int = 900
-    # How often each worker looks for such tasks.
-    broker_restore_interval_seconds: int = 10
-    # Calls per period to the partner, per API key, across every worker: "50/second", "600/minute".
-    partner_rate_limit: str = "50/second"
-    # Added to the rate-limit period: a call decided at the edge of a window can reach the
-    # partner a little later than another, and the partner counts by arrival.
-    rate_limit_margin_ms: int = 50
-    # A wait up to this long for the rate limit is slept in the worker; longer ones go to the
-    # retry schedule, so no worker is parked for long.
-    rate_limit_max_inline_wait_seconds: float = 1.0
-    pump_batch_size: int = 200
-    # Event batches for one API key share a partner call: at most this many messages and
-    # events a call, and the pump waits this long for a batch to fill when traffic is light.
-    delivery_batch_max_messages: int = 50
-    delivery_batch_max_events: int = 1000
-    delivery_batch_wait_ms: int = 20
-    # Cookie sync: where /cookie-sync may send the browser back to, which macro in mParticle's
-    # redirect URL takes the partner id, and the partner's first-party id cookie.
-    cookie_sync_allowed_hosts: tuple[str, ...] = ("pixels.mparticle.com",)
-    cookie_sync_macro: str = "%%partner_id%%"
-    cookie_sync_cookie: str = "fr_uid"
-    pump_block_ms: int = 500
-    pump_claim_idle_ms: int = 30000
+    # --- Delivery to the partner ------------------------------------------------------------
+    partner_client: str = setting(
+        "workers.partner.reference:ReferencePartnerClient",
+        "The partner client class, `package.module:Class`.",
+        group=DELIVERY,
+    )
+    partner_timeout_seconds: float = setting(10.0, "Timeout of each partner call, seconds.", group=DELIVERY, gt=0)
+    retry_max_attempts: int = setting(
+        8, "Attempts before a transiently failing payload goes to the dead letters.", group=DELIVERY, ge=1
+    )
+    retry_backoff_base: float = setting(
+        2.0,
+        "Exponential backoff with full jitter: attempt n waits up to "
+        "min(RETRY_BACKOFF_MAX, RETRY_BACKOFF_BASE * 2^(n-1)) seconds.",
+        group=DELIVERY,
+        ge=0,
+    )
+    retry_backoff_max: float = setting(
+        600.0, "The longest backoff between two attempts, seconds.", group=DELIVERY, ge=0
+    )
+    retry_max_age_seconds: int = setting(
+        86400,
+        "A message still failing this long after it was accepted goes to the dead letters "
+        "(mParticle's own max_data_age_hours is 24).",
+        group=DELIVERY,
+        gt=0,
+    )
+    retry_after_max_seconds: float = setting(
+        600.0,
+        "A Retry-After (429, 503) is honoured up to this many seconds: a hostile or broken one must "
+        "not park an API key for days.",
+        group=DELIVERY,
+        ge=0,
+    )
+    partner_rate_limit: str = setting(
+        "50/second",
+        "Calls per period per partner API key, across every worker: N/second, N/minute, N/hour "
+        '(or N/Mseconds); "none" for no limit.',
+        group=DELIVERY,
+    )
+    rate_limit_margin_ms: int = setting(
+        50,
+        "Added to the rate-limit period: a call decided at a window's edge reaches the partner a "
+        "little later than another, and the partner counts by arrival.",
+        group=DELIVERY,
+        ge=0,
+    )
+    rate_limit_max_inline_wait_seconds: float = setting(
+        1.0,
+        "Rate-limit waits up to this long are slept in the worker; longer ones go to the retry "
+        "schedule, so no worker is parked for long.",
+        group=DELIVERY,
+        ge=0,
+    )
+    broker_visibility_timeout: int = setting(
+        900,
+        "Seconds before a task held by a dead worker is handed to another (Celery's "
+        "visibility_timeout over Redis). Must outlast the longest delivery; retries never wait in "
+        "a worker, so it does not bound the retry schedule.",
+        group=DELIVERY,
+        gt=0,
+    )
+    broker_restore_interval_seconds: int = setting(
+        10, "How often each worker looks for such tasks, seconds.", group=DELIVERY, gt=0
+    )
+
+    # --- Batching towards the partner -------------------------------------------------------
+    delivery_batch_max_messages: int = setting(
+        50,
+        "Event batches for the same API key share one POST /v1/events: at most this many messages "
+        "a call (1 turns batching off).",
+        group=BATCHING,
+        ge=1,
+    )
+    delivery_batch_max_events: int = setting(1000, "At most this many events a call.", group=BATCHING, ge=1)
+    delivery_batch_wait_ms: int = setting(
+        20,
+        "Under light traffic the pump waits this long for a call to fill (0: never waits).",
+        group=BATCHING,
+        ge=0,
+    )
+
+    # --- The inbox pump ---------------------------------------------------------------------
+    pump_batch_size: int = setting(200, "Inbox entries the pump reads and hands to Celery at a time.", group=PUMP, ge=1)
+    pump_block_ms: int = setting(
+        500, "How long one read of the inbox waits for new entries, milliseconds.", group=PUMP, gt=0
+    )
+    pump_claim_idle_ms: int = setting(
+        30000, "Entries a dead worker had read are taken over after this long, milliseconds.", group=PUMP, gt=0
+    )
+
+    # --- Processes --------------------------------------------------------------------------
+    web_concurrency: int = setting(2, "gunicorn worker processes.", group=PROCESSES, ge=1)
+    gunicorn_worker_class: str = setting(
+        "gthread",
+        "gunicorn's worker class. Threads, so that a few clients stalling mid-body (each read waits "
+        "BODY_READ_TIMEOUT_SECONDS) hold a thread each, not a whole worker.",
+        group=PROCESSES,
+    )
+    gunicorn_threads: int = setting(4, "Threads per gunicorn worker process.", group=PROCESSES, ge=1)
+    gunicorn_keepalive: int = setting(
+        75,
+        "Seconds an idle keep-alive connection is held open: mParticle holds connections open "
+        "between batches, and a keep-alive longer than its idle gap saves handshakes.",
+        group=PROCESSES,
+        ge=0,
+    )
+    gunicorn_timeout: int = setting(
+        30, "A gunicorn worker silent this long, seconds, is killed and replaced.", group=PROCESSES, ge=0
+    )
+    gunicorn_graceful_timeout: int = setting(
+        20, "On SIGTERM, seconds to finish in-flight requests before exiting.", group=PROCESSES, ge=0
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = setting(
+        "info",
+        "debug | info | warning | error | critical, for web and workers alike (it wins over celery's --loglevel).",
+        group=PROCESSES,
+    )
+    log_format: Literal["json", "text"] = setting(
+        "json",
+        "json: one JSON object per line, for log search (the default). text: plain lines for a "
+        "person at a terminal. Either way tokens, Authorization values and settings are redacted.",
+        group=PROCESSES,
+    )
+
+    # --- Metrics ----------------------------------------------------------------------------
+    metrics_redis_timeout_ms: int = setting(
+        500,
+        "How long a scrape waits for Redis (connect, then reply) before it reports firehose_redis_up 0.",
+        group=METRICS,
+        gt=0,
+    )
+
+    # ------------------------------------------------------------------------------ checks
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: Any) -> Any:
+        # As before pydantic: surrounding spaces never count, and an empty value (an env file's
+        # `NAME=`) means the default rather than "".
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                raise PydanticUseDefault()
+        return value
+
+    @field_validator("auth_tokens", "cookie_sync_allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            items = tuple(item.strip() for item in value.split(",") if item.strip())
+            if not items:
+                raise PydanticUseDefault()
+            return items
+        return value
+
+    @field_validator("redis_ssl_cert_reqs", "log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("partner_api_url")
+    @classmethod
+    def _partner_api_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("partner_rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        try:
+            RateLimit.parse(value)
+        except ValueError as error:
+            # The message names the variable for the workers' sake; the error line names it already.
+            raise ValueError(str(error).removeprefix("PARTNER_RATE_LIMIT ")) from None
+        return value
+
+    @field_validator("partner_client")
+    @classmethod
+    def _partner_client(cls, value: str) -> str:
+        if not _PARTNER_CLIENT.match(value):
+            raise ValueError("must look like package.module:Class")
+        return value
+
+    @model_validator(mode="after")
+    def _broker_defaults_to_redis(self) -> Settings:
+        if not self.broker_url:
+            # Frozen: the one derived default is filled in while the instance is being built.
+            object.__setattr__(self, "broker_url", self.redis_url)
+        return self
+
+    # --------------------------------------------------------------------------- building
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(_problems(error)) from None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Settings(...) in code (tests, tools) is exactly what it says: only from_env() reads
+        # the environment, so a developer's shell cannot change what a test runs with. No .env
+        # file is read either: `make up` and docker compose load it into the environment.
+        if _from_environment.get():
+            return (init_settings, _Environment(settings_cls))
+        return (init_settings,)
 
     @classmethod
     def from_env(cls) -> Settings:
-        redis_url = _str("REDIS_URL", cls.redis_url)
-        return cls(
-            redis_url=redis_url,
-            broker_url=_str("CELERY_BROKER_URL", redis_url),
-            redis_ssl_cert_reqs=redis_ssl_cert_reqs_from_env(),
-            auth_tokens=_tokens(os.environ.get("FIREHOSE_AUTH_TOKEN", "")),
-            partner_api_url=_str("PARTNER_API_URL", cls.partner_api_url).rstrip("/"),
-            max_body_bytes=_int("MAX_BODY_BYTES", cls.max_body_bytes),
-            dedup_ttl_seconds=_int("DEDUP_TTL_SECONDS", cls.dedup_ttl_seconds),
-            body_read_timeout_seconds=_float("BODY_READ_TIMEOUT_SECONDS", cls.body_read_timeout_seconds),
-            unauthenticated_max_body_bytes=_int("UNAUTHENTICATED_MAX_BODY_BYTES", cls.unauthenticated_max_body_bytes),
-            ingest_redis_timeout_ms=_int("INGEST_REDIS_TIMEOUT_MS", cls.ingest_redis_timeout_ms),
-            key_prefix=_str("REDIS_KEY_PREFIX", cls.key_prefix),
-            partner_timeout_seconds=_float("PARTNER_TIMEOUT_SECONDS", cls.partner_timeout_seconds),
-            retry_max_attempts=_int("RETRY_MAX_ATTEMPTS", cls.retry_max_attempts),
-            retry_backoff_base=_float("RETRY_BACKOFF_BASE", cls.retry_backoff_base),
-            retry_backoff_max=_float("RETRY_BACKOFF_MAX", cls.retry_backoff_max),
-            retry_max_age_seconds=_int("RETRY_MAX_AGE_SECONDS", cls.retry_max_age_seconds),
-            retry_after_max_seconds=_float("RETRY_AFTER_MAX_SECONDS", cls.retry_after_max_seconds),
-            partner_rate_limit=_str("PARTNER_RATE_LIMIT", cls.partner_rate_limit),
-            rate_limit_margin_ms=_int("RATE_LIMIT_MARGIN_MS", cls.rate_limit_margin_ms),
-            rate_limit_max_inline_wait_seconds=_float(
-                "RATE_LIMIT_MAX_INLINE_WAIT_SECONDS", cls.rate_limit_max_inline_wait_seconds
-            ),
-            broker_visibility_timeout=_int("BROKER_VISIBILITY_TIMEOUT", cls.broker_visibility_timeout),
-            broker_restore_interval_seconds=_int(
-                "BROKER_RESTORE_INTERVAL_SECONDS", cls.broker_restore_interval_seconds
-            ),
-            pump_batch_size=_int("PUMP_BATCH_SIZE", cls.pump_batch_size),
-            delivery_batch_max_messages=_int("DELIVERY_BATCH_MAX_MESSAGES", cls.delivery_batch_max_messages),
-            delivery_batch_max_events=_int("DELIVERY_BATCH_MAX_EVENTS", cls.delivery_batch_max_events),
-            delivery_batch_wait_ms=_int("DELIVERY_BATCH_WAIT_MS", cls.delivery_batch_wait_ms),
-            cookie_sync_allowed_hosts=_tokens(os.environ.get("COOKIE_SYNC_ALLOWED_HOSTS", ""))
-            or cls.cookie_sync_allowed_hosts,
-            cookie_sync_macro=_str("COOKIE_SYNC_MACRO", cls.cookie_sync_macro),
-            cookie_sync_cookie=_str("COOKIE_SYNC_COOKIE", cls.cookie_sync_cookie),
-            pump_block_ms=_int("PUMP_BLOCK_MS", cls.pump_block_ms),
-            pump_claim_idle_ms=_int("PUMP_CLAIM_IDLE_MS", cls.pump_claim_idle_ms),
-        )
+        """The settings from the environment; SettingsError names every bad variable."""
+        token = _from_environment.set(True)
+        try:
+            return cls()
+        finally:
+            _from_environment.reset(token)
+
+    @classmethod
+    def env_name(cls, field_name: str) -> str:
+        """The environment variable that sets `field_name`."""
+        alias = cls.model_fields[field_name].validation_alias
+        return alias if isinstance(alias, str) else field_name.upper()
 
     def public(self) -> dict[str, object]:
         """The settings without secrets, for a startup log line."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
+        out: dict[str, object] = {name: getattr(self, name) for name, f in type(self).model_fields.items() if f.repr}
         out["auth_tokens"] = len(self.auth_tokens)
         return out
+
+
+class _Environment(EnvSettingsSource):
+    """The environment, each field read under its one documented name.
+
+    The stock source would also read the lower-case field name (`broker_url`), because code
+    may pass field names (validate_by_name): an undocumented second name for every setting.
+    """
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        env = Settings.env_name(field_name)
+        return self.env_vars.get(env), env, False
+
+
+def _problems(error: ValidationError) -> list[str]:
+    names = {name: Settings.env_name(name) for name in Settings.model_fields}
+    by_env = {env: name for name, env in names.items()}
+    problems: dict[str, str] = {}
+    for item in error.errors(include_url=False):
+        key = str(item["loc"][0]) if item["loc"] else ""
+        field = key if key in names else by_env.get(key)
+        env = names[field] if field else key
+        if env in problems:
+            continue  # one line per variable: the first reason is enough to fix it
+        message = item["msg"].removeprefix("Value error, ")
+        secret = field is not None and not Settings.model_fields[field].repr
+        shown = "" if secret or item["type"] == "extra_forbidden" else f"={item['input']!r}"
+        problems[env] = f"{env}{shown}: {message}"
+    return list(problems.values())
+
+
+@dataclass(frozen=True)
+class OtherVariable:
+    """A variable .env.example documents that is not a setting of ours."""
+
+    name: str
+    description: str
+    group: str
+    example: str = ""
+
+
+# Read by something other than Settings, so not fields, but worth a line in .env.example.
+OTHER_VARIABLES = (
+    OtherVariable(
+        "REMAP_SIGTERM",
+        "Heroku only (set in app.json): SIGTERM goes to every process of a dyno; as SIGQUIT, Celery "
+        "gives running deliveries 20 s to finish before their tasks go back to the queue.",
+        PROCESSES,
+        example="SIGQUIT",
+    ),
+    # Process plumbing: gunicorn.conf.py sets it for its workers (prometheus_client reads it
+    # from the environment at import), so it must stay an environment variable.
+    OtherVariable(
+        "PROMETHEUS_MULTIPROC_DIR",
+        "Where gunicorn's worker processes keep their metric files so a scrape sums them all "
+        "(prometheus_client multi-process mode). Unset: a private temporary directory per server, "
+        "removed when it exits. If you set it: for the web only, one directory per server; its "
+        "*.db files are deleted when the server starts.",
+        METRICS,
+    ),
+)

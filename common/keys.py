@@ -5,9 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-# The consumer group the workers read the inbox with.
-INBOX_GROUP = "relay"
-
 
 def partner_key(api_key: str) -> str:
     """Names a partner API key in Redis keys and logs without revealing it."""

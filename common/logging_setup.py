@@ -4,7 +4,7 @@ Every handler we install carries two filters:
 
 * `ContextFilter` adds what the current unit of work is about (request id, message id,
   account id) to records that do not name it themselves. The web binds it per request
-  (service/logging_setup.py); anything can bind it with `bind_log_context`.
+  (service/request_log.py); anything can bind it with `bind_log_context`.
 * `RedactionFilter` scrubs configured tokens, `Authorization` values, secret-looking query
   parameters and every `account_settings` / `audience_subscription_settings` value from the
   record's message, arguments, extras, exception and stack text. It runs on the record before
@@ -17,7 +17,6 @@ workers/celery_app.py and the Lambda handler all call `configure_logging` or `de
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from collections.abc import Iterable, Mapping
@@ -27,6 +26,7 @@ from typing import Any, TextIO
 import orjson
 from pythonjsonlogger.json import JsonEncoder, JsonFormatter
 
+from common.config import Settings
 from common.redaction import REDACTED, redact_message
 
 # --------------------------------------------------------------------------- context
@@ -236,15 +236,16 @@ JSON = "json"
 TEXT = "text"
 
 
-def log_format() -> str:
+def log_format(settings: Settings | None = None) -> str:
     """LOG_FORMAT: `json` (default, one object per line) or `text` (for a person at a terminal)."""
-    return TEXT if os.environ.get("LOG_FORMAT", "").strip().lower() == TEXT else JSON
+    return (settings or Settings.from_env()).log_format
 
 
-def log_level(level: int | str | None = None) -> int:
+def log_level(level: int | str | None = None, settings: Settings | None = None) -> int:
+    """`level` as a number; without one, LOG_LEVEL from `settings` (or the environment's)."""
     if isinstance(level, int):
         return level
-    name = (level or os.environ.get("LOG_LEVEL", "") or "info").strip().upper()
+    name = (level or (settings or Settings.from_env()).log_level).strip().upper()
     if name.isdigit():
         return int(name)
     value = logging.getLevelName(name)

@@ -9,8 +9,6 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from common.config import redis_ssl_cert_reqs_from_env
-
 _CERT_MODES = {
     "none": ssl.CERT_NONE,
     "cert_none": ssl.CERT_NONE,
@@ -25,17 +23,15 @@ def tls_options(url: str, default_cert_reqs: str | None = None) -> dict[str, obj
     """TLS options for a rediss:// URL, for redis-py clients and Celery's broker_use_ssl alike.
 
     Heroku Redis serves a self-signed certificate on a bare rediss:// URL. The URL's own
-    `?ssl_cert_reqs=none|optional|required` wins; without it `default_cert_reqs` applies, or
-    REDIS_SSL_CERT_REQS when the caller passes none (so every client agrees without each
-    caller threading the setting through). An unknown value verifies: failing safe.
+    `?ssl_cert_reqs=none|optional|required` wins; without it `default_cert_reqs` applies: callers
+    pass `settings.redis_ssl_cert_reqs` (REDIS_SSL_CERT_REQS). None, or an unknown value,
+    verifies: failing safe.
     """
     parts = urlsplit(url)
     if parts.scheme != "rediss":
         return {}
     query = {k.lower(): v[-1] for k, v in parse_qs(parts.query).items()}
-    reqs = query.get("ssl_cert_reqs")
-    if reqs is None:
-        reqs = default_cert_reqs if default_cert_reqs is not None else redis_ssl_cert_reqs_from_env()
+    reqs = query.get("ssl_cert_reqs", default_cert_reqs) or "required"
     return {"ssl_cert_reqs": _CERT_MODES.get(reqs.strip().lower(), ssl.CERT_REQUIRED)}
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import socket
 import time
 import uuid
@@ -22,18 +21,20 @@ import orjson
 import requests
 
 from devtools.partner_stub.client import Stub
+from devtools.samples import FIXTURES
+from schemas.messages import DSR, EVENTS, MEMBERSHIP, SUBSCRIPTION
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
+# The project's own sample messages: a fresh clone has them (the shared SDK corpus is extra).
+SAMPLES = FIXTURES
 # Where the suite writes one JSON line per figure row; devtools/fault_table.py renders them.
 RESULTS_ENV = "FAULT_RESULTS"
 
-# Sample file (3.2.0) of each message type that carries work.
+# Fixture file (3.2.0) of each message type that carries work.
 KIND_SAMPLES = {
-    "event_processing_request": "EventProcessingRequest_ios.json",
-    "audience_subscription_request": "AudienceSubscriptionRequest.json",
-    "audience_membership_change_request": "AudienceMembershipChangeRequest.json",
-    "dsr_processing_request": "DsrProcessingRequest.json",
+    EVENTS: "EventProcessingRequest_ios.json",
+    SUBSCRIPTION: "AudienceSubscriptionRequest.json",
+    MEMBERSHIP: "AudienceMembershipChangeRequest.json",
+    DSR: "DsrProcessingRequest.json",
 }
 
 
@@ -118,15 +119,15 @@ def new_secret(prefix: str) -> str:
 
 
 def fresh_message(kind: str, api_key: str, version: str = "3.2.0", events: int = 2) -> dict[str, Any]:
-    """A shared sample of `kind` with new ids, carrying `api_key` as its account's apiKey."""
+    """A fixture message of `kind` with new ids, carrying `api_key` as its account's apiKey."""
     message = orjson.loads((SAMPLES / version / KIND_SAMPLES[kind]).read_bytes())
     message["id"] = str(uuid.uuid4())
     account = message.setdefault("account", {"account_id": 4242})
     account.setdefault("account_settings", {})["apiKey"] = api_key
-    if kind == "event_processing_request":
+    if kind == EVENTS:
         template = message["events"][0]
         message["events"] = [dict(template, id=str(uuid.uuid4())) for _ in range(events)]
-    elif kind == "dsr_processing_request":
+    elif kind == DSR:
         message["subject_request_id"] = str(uuid.uuid4())
     return message
 
@@ -170,7 +171,7 @@ def ledger(stub: Stub, messages: list[dict[str, Any]]) -> Ledger:
     )
     delivered, missing, applied_twice = 0, [], 0
     for message in messages:
-        if message["type"] == "event_processing_request":
+        if message["type"] == EVENTS:
             counts = state["events_by_api_key"].get(sha(_api_key(message)), {})
             ok = all(counts.get(e["id"], 0) >= 1 for e in message["events"])
             applied_twice += sum(1 for e in message["events"] if counts.get(e["id"], 0) > 1)

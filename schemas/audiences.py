@@ -40,6 +40,7 @@ from schemas.fields import (
     load_or_invalid,
     parse_identities,
 )
+from schemas.messages import MEMBERSHIP, SUBSCRIPTION
 
 __all__ = [
     "AudienceAction",
@@ -51,9 +52,6 @@ __all__ = [
     "parse_membership_change",
     "parse_subscription",
 ]
-
-SUBSCRIPTION_TYPE = "audience_subscription_request"
-MEMBERSHIP_TYPE = "audience_membership_change_request"
 
 SUBSCRIPTION_ACTIONS = ("add", "update", "remove")
 MEMBERSHIP_ACTIONS = frozenset({"add", "delete", "attribute_update"})
@@ -99,7 +97,7 @@ _SUBSCRIPTION_SCHEMA = SubscriptionSchema()
 
 def parse_subscription(message: dict[str, Any]) -> Subscription:
     """Validate an `audience_subscription_request`; raise `MessageInvalid` if bad."""
-    check_message(message, SUBSCRIPTION_TYPE)
+    check_message(message, SUBSCRIPTION)
     data = load_or_invalid(_SUBSCRIPTION_SCHEMA, message)
     account = data["account"]
     return Subscription(
@@ -377,7 +375,7 @@ def parse_membership_change(message: dict[str, Any]) -> MembershipChange:
     Missing/null `user_profiles` is a verification request: `profiles == []` and
     `verification` is True. A non-list `user_profiles` raises `MessageInvalid`.
     """
-    check_message(message, MEMBERSHIP_TYPE)
+    check_message(message, MEMBERSHIP)
     data = load_or_invalid(_MEMBERSHIP_SCHEMA, message)
     raw_profiles = message.get("user_profiles")
     if raw_profiles is not None and not isinstance(raw_profiles, list):

@@ -33,10 +33,9 @@ from schemas.fields import (
     first_error,
     load_or_invalid,
 )
+from schemas.messages import DSR
 
 __all__ = ["DsrRequest", "MessageInvalid", "parse_dsr", "submitted_time_to_ms"]
-
-MESSAGE_TYPE = "dsr_processing_request"
 
 # Integers above this are milliseconds, below it seconds: 10**11 s is the year 5138,
 # 10**11 ms is 1973, so real timestamps of either unit fall clearly on one side.
@@ -193,7 +192,7 @@ def parse_dsr(message: dict[str, Any]) -> DsrRequest:
     mParticle-specific ones from `extensions["opendsr.mparticle.com"]`
     (de-duplicated): for an erasure, every identifier we are given is useful.
     """
-    check_message(message, MESSAGE_TYPE)
+    check_message(message, DSR)
     data = load_or_invalid(_DSR_SCHEMA, message)
 
     identities: list[dict[str, str]] = []

@@ -36,6 +36,7 @@ from schemas.fields import (
     load_or_invalid,
     parse_identities,
 )
+from schemas.messages import EVENTS
 
 __all__ = [
     "EVENT_TYPES",
@@ -45,8 +46,6 @@ __all__ = [
     "parse_event_batch",
     "validate_event",
 ]
-
-MESSAGE_TYPE = "event_processing_request"
 
 # Reason codes recorded in SkippedEvent.reason.
 REASON_UNKNOWN_TYPE = "unknown_type"
@@ -333,7 +332,7 @@ def parse_event_batch(message: dict[str, Any]) -> EventBatch:
     Unknown/invalid events are skipped and listed in `skipped`; invalid identity
     entries are dropped and listed in `dropped_identities`.
     """
-    check_message(message, MESSAGE_TYPE)
+    check_message(message, EVENTS)
     data = load_or_invalid(_BATCH_SCHEMA, message)
 
     # Missing or null `events` ≡ [] (verification and eventless batches, §1.4).

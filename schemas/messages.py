@@ -1,4 +1,7 @@
-"""The Firehose message types and what each one needs."""
+"""The Firehose message types and what each one needs.
+
+Every type name is declared here and only here; other modules import it.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +13,20 @@ SUBSCRIPTION = "audience_subscription_request"
 MEMBERSHIP = "audience_membership_change_request"
 DSR = "dsr_processing_request"
 
+REGISTRATION_RESPONSE = "module_registration_response"
+EVENTS_RESPONSE = "event_processing_response"
+SUBSCRIPTION_RESPONSE = "audience_subscription_response"
+MEMBERSHIP_RESPONSE = "audience_membership_change_response"
+DSR_RESPONSE = "dsr_processing_response"
+
 # Request type -> (response type, HTTP status). mParticle accepts 200 or 202; 202 says
 # "queued, not yet delivered", which is what an event batch is when we answer.
 RESPONSES: dict[str, tuple[str, int]] = {
-    REGISTRATION: ("module_registration_response", 200),
-    EVENTS: ("event_processing_response", 202),
-    SUBSCRIPTION: ("audience_subscription_response", 200),
-    MEMBERSHIP: ("audience_membership_change_response", 200),
-    DSR: ("dsr_processing_response", 200),
+    REGISTRATION: (REGISTRATION_RESPONSE, 200),
+    EVENTS: (EVENTS_RESPONSE, 202),
+    SUBSCRIPTION: (SUBSCRIPTION_RESPONSE, 200),
+    MEMBERSHIP: (MEMBERSHIP_RESPONSE, 200),
+    DSR: (DSR_RESPONSE, 200),
 }
 
 REQUEST_TYPES = frozenset(RESPONSES)

@@ -47,7 +47,7 @@ def _code_for(exc: HTTPException) -> str:
 
 
 def _answer(error: ApiError) -> Response:
-    # The code goes on the request's log line (service/logging_setup.py).
+    # The code goes on the request's log line (service/request_log.py).
     g.error_code = error.code
     return error_response(error)
 

@@ -13,8 +13,8 @@ from service.auth import token_is_valid
 from service.body import read_body
 from service.dispatch import dispatch, parse
 from service.errors import json_response
-from service.ingest import ingest
-from service.logging_setup import note_message
+from service.ingest import app_ingest
+from service.request_log import note_message
 
 bp = Blueprint("firehose", __name__)
 
@@ -33,5 +33,5 @@ def receive(_anything: str | None = None) -> Response:
     )
     message = parse(body)
     note_message(message)
-    status, answer = dispatch(message, body, ingest, authorized=authorized)
+    status, answer = dispatch(message, body, app_ingest(), authorized=authorized)
     return json_response(answer, status)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response
 
 from service.errors import json_response
-from service.ingest import ingest
+from service.ingest import app_ingest
 
 bp = Blueprint("health", __name__)
 
@@ -18,7 +18,7 @@ def healthz() -> Response:
 
 @bp.get("/readyz")
 def readyz() -> Response:
-    if ingest.ping():
+    if app_ingest().ping():
         return json_response({"status": "ready"}, 200)
     return json_response(
         {"error": {"code": "unavailable", "message": "Redis is not reachable."}},

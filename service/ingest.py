@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 import redis
-from flask import Flask
+from flask import Flask, current_app
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
@@ -55,7 +55,11 @@ class IngestUnavailable(Exception):
 
 
 class Ingest:
-    """Flask extension, bound in the app factory."""
+    """Flask extension: each app built by create_app makes its own and binds it with init_app.
+
+    One instance serves one app (its settings, its Redis pool), kept in app.extensions["ingest"];
+    there is no module-level instance, so two apps in one process never share or replace one.
+    """
 
     def __init__(self, app: Flask | None = None) -> None:
         if app is not None:
@@ -65,7 +69,7 @@ class Ingest:
         settings: Settings = app.config["SETTINGS"]
         self.keys = Keys(settings.key_prefix)
         self.ttl = settings.dedup_ttl_seconds
-        self.client = ingest_client(settings.redis_url, settings.ingest_redis_timeout_ms)
+        self.client = ingest_client(settings.redis_url, settings.ingest_redis_timeout_ms, settings.redis_ssl_cert_reqs)
         self._accept = self.client.register_script(_ACCEPT)
         self._accept_and_check = self.client.register_script(_ACCEPT_AND_CHECK)
         self._suspended = self.client.register_script(_SUSPENDED)
@@ -134,4 +138,6 @@ class Ingest:
             return False
 
 
-ingest = Ingest()
+def app_ingest(app: Flask | None = None) -> Ingest:
+    """The Ingest of `app`, or of the app handling the current request."""
+    return (app or current_app).extensions["ingest"]

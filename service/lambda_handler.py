@@ -33,7 +33,7 @@ from schemas.errors import error_body
 from service import create_app
 from service.dispatch import dispatch, parse
 from service.errors import ApiError
-from service.ingest import Ingest
+from service.ingest import app_ingest
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _body_of(event: Any) -> bytes:
 
 def make_handler(app: Flask) -> Handler:
     """A handler bound to one app's settings and Ingest (so one Redis pool per container)."""
-    ingest: Ingest = app.extensions["ingest"]
+    ingest = app_ingest(app)
     max_body_bytes: int = app.config["SETTINGS"].max_body_bytes
 
     def handler(event: Any, context: Any) -> dict[str, Any]:

@@ -31,16 +31,13 @@ from prometheus_client.utils import floatToGoString
 from common import stats
 from common.config import Settings
 from common.keys import Keys
+from common.names import DELIVERY_QUEUE
 from common.redis_conn import ingest_client
 from schemas.messages import REQUEST_TYPES, RESPONSE_TYPES
-from workers.celery_app import DELIVERY_QUEUE
 
+# Process plumbing, not a setting: gunicorn.conf.py sets it for its workers at server start,
+# and prometheus_client itself reads it from the environment.
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
-# A scrape waits at most this long for Redis (each of connect and reply); past it the scrape
-# still answers, with firehose_redis_up 0. Read here rather than in Settings because only
-# the scrape uses it.
-METRICS_REDIS_TIMEOUT_ENV = "METRICS_REDIS_TIMEOUT_MS"
-DEFAULT_METRICS_REDIS_TIMEOUT_MS = 500
 # Celery's queue is a Redis list named after it; tasks workers hold sit in kombu's "unacked" hash.
 CELERY_QUEUE = DELIVERY_QUEUE
 CELERY_UNACKED = "unacked"
@@ -139,13 +136,17 @@ class RedisCollector:
     """Reads the shared state at scrape time; a Redis outage yields firehose_redis_up 0, not an error."""
 
     def __init__(self, settings: Settings, timeout_ms: int | None = None) -> None:
+        # Past METRICS_REDIS_TIMEOUT_MS (each of connect and reply) the scrape still answers,
+        # with firehose_redis_up 0.
         if timeout_ms is None:
-            timeout_ms = int(os.environ.get(METRICS_REDIS_TIMEOUT_ENV, "") or DEFAULT_METRICS_REDIS_TIMEOUT_MS)
+            timeout_ms = settings.metrics_redis_timeout_ms
         self.keys = Keys(settings.key_prefix)
         # One attempt, bounded: a scrape that hangs on Redis would tie up a web worker.
-        self.client = ingest_client(settings.redis_url, timeout_ms)
+        self.client = ingest_client(settings.redis_url, timeout_ms, settings.redis_ssl_cert_reqs)
         same_server = settings.broker_url in ("", settings.redis_url)
-        self.broker = None if same_server else ingest_client(settings.broker_url, timeout_ms)
+        self.broker = (
+            None if same_server else ingest_client(settings.broker_url, timeout_ms, settings.redis_ssl_cert_reqs)
+        )
 
     def describe(self) -> list[Metric]:
         # Nothing to declare up front; registering must not cost a Redis round trip.

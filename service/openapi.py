@@ -35,7 +35,20 @@ from schemas.fields import (
     StringList,
     UUIDString,
 )
-from schemas.messages import DSR, EVENTS, FIREHOSE_VERSION, MEMBERSHIP, REGISTRATION, RESPONSES, SUBSCRIPTION
+from schemas.messages import (
+    DSR,
+    DSR_RESPONSE,
+    EVENTS,
+    EVENTS_RESPONSE,
+    FIREHOSE_VERSION,
+    MEMBERSHIP,
+    MEMBERSHIP_RESPONSE,
+    REGISTRATION,
+    REGISTRATION_RESPONSE,
+    RESPONSES,
+    SUBSCRIPTION,
+    SUBSCRIPTION_RESPONSE,
+)
 from schemas.responses import (
     AudienceMembershipChangeResponseSchema,
     AudienceSubscriptionResponseSchema,
@@ -126,7 +139,7 @@ REQUEST_SCHEMAS: dict[str, type[Schema]] = {
 
 
 class ModuleRegistrationResponseSchema(ResponseEnvelopeSchema):
-    type = _kind("module_registration_response", "The integration's description (service/module_registration.json).")
+    type = _kind(REGISTRATION_RESPONSE, "The integration's description (service/module_registration.json).")
     sdk_version = fields.String()
     name = fields.String()
     version = fields.String()
@@ -142,15 +155,11 @@ def _typed_response(base: type[Schema], kind: str) -> type[Schema]:
 
 
 RESPONSE_SCHEMAS: dict[str, type[Schema]] = {
-    "module_registration_response": ModuleRegistrationResponseSchema,
-    "event_processing_response": _typed_response(EventProcessingResponseSchema, "event_processing_response"),
-    "audience_subscription_response": _typed_response(
-        AudienceSubscriptionResponseSchema, "audience_subscription_response"
-    ),
-    "audience_membership_change_response": _typed_response(
-        AudienceMembershipChangeResponseSchema, "audience_membership_change_response"
-    ),
-    "dsr_processing_response": _typed_response(DsrProcessingResponseSchema, "dsr_processing_response"),
+    REGISTRATION_RESPONSE: ModuleRegistrationResponseSchema,
+    EVENTS_RESPONSE: _typed_response(EventProcessingResponseSchema, EVENTS_RESPONSE),
+    SUBSCRIPTION_RESPONSE: _typed_response(AudienceSubscriptionResponseSchema, SUBSCRIPTION_RESPONSE),
+    MEMBERSHIP_RESPONSE: _typed_response(AudienceMembershipChangeResponseSchema, MEMBERSHIP_RESPONSE),
+    DSR_RESPONSE: _typed_response(DsrProcessingResponseSchema, DSR_RESPONSE),
 }
 
 
@@ -218,7 +227,7 @@ def _firehose(rule: Rule, _method: str) -> dict[str, Any]:
             "200": _answer("Registration, audience and DSR answers.", {"oneOf": success}),
             "202": _answer(
                 "An event batch was stored (or was verification traffic, or a repeat).",
-                _ref("schemas", _component_name("event_processing_response")),
+                _ref("schemas", _component_name(EVENTS_RESPONSE)),
             ),
             "400": _ref("responses", "BadRequest"),
             "401": _ref("responses", "Unauthorized"),

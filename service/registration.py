@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from schemas.messages import FIREHOSE_VERSION
+from schemas.messages import FIREHOSE_VERSION, REGISTRATION_RESPONSE
 from schemas.responses import response_envelope
 
 DESCRIPTION_FILE = Path(__file__).with_name("module_registration.json")
@@ -22,7 +22,7 @@ def _description() -> dict[str, Any]:
 def registration_response() -> dict[str, Any]:
     """What mParticle imports to list the integration and render its settings."""
     return response_envelope(
-        "module_registration_response",
+        REGISTRATION_RESPONSE,
         sdk_version=FIREHOSE_VERSION,
         # A copy, so no caller can change what the next registration answers.
         **copy.deepcopy(_description()),

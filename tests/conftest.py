@@ -22,14 +22,26 @@ _REDIS_LINE = pytest.StashKey[str]()
 
 def pytest_configure(config: pytest.Config) -> None:
     # Before collection: some test modules build URLs of the suite's Redis at import time.
-    line = suite_redis.start()
+    try:
+        line = suite_redis.start()
+    except RuntimeError as exc:  # no redis-server binary: say what to install, not a traceback
+        raise pytest.UsageError(str(exc)) from None
     for db in DATABASES:
         suite_redis.flush(db)
     config.stash[_REDIS_LINE] = line
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return config.stash.get(_REDIS_LINE, "")
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Said even under -q: which Redis the run uses is worth one line.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(session.config.stash.get(_REDIS_LINE, ""))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The fast tier first: a broken unit shows in seconds, before minutes of real processes.
+    unit = Path(__file__).parent / "unit"
+    items.sort(key=lambda item: unit not in item.path.parents)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

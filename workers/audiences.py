@@ -15,6 +15,8 @@ the state of the newest change mParticle sent.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,10 +62,21 @@ def user_key(user: dict[str, Any]) -> str:
 
 
 class AudienceGuard:
-    def __init__(self, client: redis.Redis, keys: Keys, lock_ttl_seconds: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: Keys,
+        lock_ttl_seconds: float,
+        busy_wait_seconds: float = 1.0,
+        poll_seconds: float = 0.05,
+    ) -> None:
         self.client = client
         self.keys = keys
         self.lock_ttl_ms = int(lock_ttl_seconds * 1000)
+        # Another task's member call to the same audience usually ends within a second; waiting
+        # longer would park a worker, so past this the delivery is deferred instead.
+        self.busy_wait_seconds = busy_wait_seconds
+        self.poll_seconds = poll_seconds
         self._release = client.register_script(_RELEASE)
         self._record = client.register_script(_RECORD)
 
@@ -73,10 +86,15 @@ class AudienceGuard:
 
     @contextmanager
     def locked(self, operation: Operation) -> Iterator[bool]:
-        """Yields True while this task holds the audience's lock, False if another one does."""
+        """Yields True while this task holds the audience's lock; False if another one held it
+        for the whole of `busy_wait_seconds`."""
         lock, _ = self._names(operation)
         token = uuid.uuid4().hex
+        deadline = time.monotonic() + self.busy_wait_seconds
         held = bool(self.client.set(lock, token, nx=True, px=self.lock_ttl_ms))
+        while not held and time.monotonic() < deadline:
+            time.sleep(self.poll_seconds)
+            held = bool(self.client.set(lock, token, nx=True, px=self.lock_ttl_ms))
         try:
             yield held
         finally:
@@ -102,7 +120,7 @@ class AudienceGuard:
         if len(fresh) == len(operation.payload["changes"]):
             return operation
         payload = dict(operation.payload, changes=fresh)
-        return Operation(operation.kind, payload, operation.api_key, operation.audience_id, operation.message_id)
+        return dataclasses.replace(operation, payload=payload)
 
     def record(self, operation: Operation) -> None:
         """The partner acknowledged these changes: they are the newest it has for these users."""

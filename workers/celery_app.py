@@ -1,9 +1,12 @@
-"""The Celery app, wired into Flask the way Flask's own docs show (celery_init_app)."""
+"""The Celery app, wired into Flask the way Flask's own docs show (celery_init_app).
+
+Only the worker entry (workers/worker.py) calls celery_init_app: the web stores messages in
+the inbox stream and publishes no task, so it builds no Celery app at all.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 from celery import Celery, Task, signals
@@ -11,16 +14,14 @@ from flask import Flask
 
 from common.config import Settings
 from common.logging_setup import JSON, configure_logging, log_format
+from common.names import DELIVERY_QUEUE
 from common.redis_conn import tls_options
-
-# Delivery tasks, by stable name: renaming one strands the messages already queued under it.
-DELIVER_TASK = "firehose.deliver"
-DELIVER_EVENTS_TASK = "firehose.deliver_events"
-DELIVERY_QUEUE = "firehose"
+from workers.pump import PumpStep
+from workers.runtime import partner_client_class
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    broker_tls = tls_options(settings.broker_url)
+    broker_tls = tls_options(settings.broker_url, settings.redis_ssl_cert_reqs)
     return {
         "broker_url": settings.broker_url,
         "broker_connection_retry_on_startup": True,
@@ -52,41 +53,59 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def celery_init_app(app: Flask) -> Celery:
+    """The Celery app for one Flask app: its tasks run in that app's context, with its settings.
+
+    The Flask app is kept on the Celery app as `flask_app`, so what the worker starts (the
+    pump, logging) reads the same settings as the tasks rather than the environment again.
+    """
+
     class FlaskTask(Task):
         def __call__(self, *args: object, **kwargs: object) -> object:
+            # Tasks find their runtime (workers/runtime.py) through the current app.
             with app.app_context():
                 return self.run(*args, **kwargs)
 
     settings: Settings = app.config["SETTINGS"]
-    # Only worker processes import the tasks module; the web never calls a task directly.
+    # A wrong PARTNER_CLIENT stops the worker as it starts, not at its first delivery.
+    partner_client_class(settings.partner_client)
+    # No set_default(): the tasks are shared_tasks, bound to whichever app finalizes them, and
+    # a worker makes its own app the default and current one when it starts.
     celery_app = Celery(app.name, task_cls=FlaskTask, include=["workers.tasks"])
     celery_app.config_from_object(celery_config(settings))
-    celery_app.set_default()
-
-    from workers.pump import PumpStep
-
+    celery_app.flask_app = app  # type: ignore[attr-defined]
     celery_app.steps["worker"].add(PumpStep)
+    _connect_logging(settings)
     app.extensions["celery"] = celery_app
     return celery_app
 
 
-@signals.setup_logging.connect
-def _worker_logging(loglevel: int | str | None = None, **_: object) -> None:
+def _connect_logging(settings: Settings) -> None:
     """Workers log like the web: JSON lines through the same redaction (common/logging_setup.py).
 
-    A receiver on this signal makes Celery leave logging to us, so none of its own handlers
-    can print a record unredacted. Runs again in each pool process; that is harmless.
-    LOG_LEVEL, when set, wins over `--loglevel`: one setting for web and workers alike.
+    The receivers hold this app's settings (the tokens to redact). Held strongly (weak=False:
+    they are closures) under fixed ids, so building another app in the process replaces them
+    rather than adding a second pair.
     """
-    configure_logging("worker", os.environ.get("LOG_LEVEL") or loglevel, Settings.from_env().auth_tokens)
 
+    def worker_logging(loglevel: int | str | None = None, **_: object) -> None:
+        # A receiver on this signal makes Celery leave logging to us, so none of its own
+        # handlers can print a record unredacted. Runs again in each pool process; harmless.
+        # LOG_LEVEL, when set, wins over `--loglevel`: one setting for web and workers alike.
+        level = settings.log_level if "log_level" in settings.model_fields_set else loglevel
+        configure_logging("worker", level, settings.auth_tokens)
 
-@signals.celeryd_init.connect
-def _early_worker_logging(instance: Any = None, **_: object) -> None:
-    # The worker warns (running as root, say) before Celery sets up logging, and prints a
-    # banner rather than logging it: route warnings through logging from the start and drop
-    # the banner, so every line is JSON. The broker and readiness are logged as records anyway.
-    configure_logging("worker", None, Settings.from_env().auth_tokens)
-    logging.captureWarnings(True)
-    if instance is not None and log_format() == JSON:
-        instance.quiet = True
+    def early_worker_logging(instance: Any = None, **_: object) -> None:
+        # The worker warns (running as root, say) before Celery sets up logging, and prints a
+        # banner rather than logging it: route warnings through logging from the start and drop
+        # the banner, so every line is JSON. The broker and readiness are logged as records anyway.
+        configure_logging("worker", None, settings.auth_tokens)
+        logging.captureWarnings(True)
+        if instance is not None and log_format() == JSON:
+            instance.quiet = True
+
+    for signal, receiver, uid in (
+        (signals.setup_logging, worker_logging, "firehose.worker_logging"),
+        (signals.celeryd_init, early_worker_logging, "firehose.early_worker_logging"),
+    ):
+        signal.disconnect(dispatch_uid=uid)
+        signal.connect(receiver, weak=False, dispatch_uid=uid)

@@ -1,82 +1,391 @@
-"""Delivering one accepted message: plan its partner operations and send those not yet sent.
+"""The delivery decision, in one place: plan → gate → send → decide.
 
-A plain function of the message and the runtime; the Celery task around it adds only the
-retry policy and logging.
+One attempt takes some accepted messages, its *members*: one message (task `firehose.deliver`)
+or a group of event batches for one API key (`firehose.deliver_events`). A single message is a
+group of one; both go the same way:
+
+  plan    each member's Operations (workers/mapping.py). A member that can never be delivered
+          as it is is rejected with its reason; operations already marked delivered are dropped.
+          The event batches left become one call per API key; every other operation is a call
+          of its own.
+  gate    per call: the partner gate (rate limit, 429 pause), and for member changes the audience
+          lock and the drop of changes the partner already has something newer for.
+  send    the partner client; its answer is a Verdict; 2xx marks the members' work delivered.
+  decide  `decide()`, a plain function of the attempt's Outcome: delivered, retry (next attempt,
+          after a backoff), defer (same attempt, after the gate's wait) or dead (with a reason).
+
+The Celery tasks (workers/tasks.py) apply the Decision: reschedule, dead-letter, count, log.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+import random
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
 
 import orjson
 
 from common import stats
+from common.config import Settings
 from schemas.fields import MessageInvalid
-from workers.mapping import PermanentFailure, Plan, plan_message
-from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, EVENTS, MEMBERS, Operation, PartnerResult
+from workers.mapping import PermanentFailure, plan_message
+from workers.partner.base import Operation, OperationKind, PartnerResult
 from workers.runtime import Runtime
 
-log = logging.getLogger(__name__)
-
-# Bounds the turns one task spends waiting for the rate limit before it hands the message
-# to the retry schedule instead.
+# Bounds the turns one call spends waiting for the rate limit before the work is deferred.
 _MAX_INLINE_WAITS = 5
-# Waiting for another task's member call to the same audience: about a second in all.
-_LOCK_TRIES = 20
-_LOCK_POLL_SECONDS = 0.05
-AUDIENCE_KINDS = frozenset({MEMBERS, AUDIENCE_UPSERT, AUDIENCE_DELETE})
+# After the audience lock stayed busy for the guard's whole wait: try again this much later.
+_AUDIENCE_BUSY_DEFER_SECONDS = 1.0
 # A suspension flag outlives any fix the customer would make; a fix clears it sooner.
 SUSPEND_TTL_SECONDS = 30 * 86400
 
 
-@dataclass
+class Verdict(StrEnum):
+    """The partner's answer to one call, as far as delivery is concerned."""
+
+    OK = "ok"
+    TRANSIENT = "transient"  # try again later
+    PERMANENT = "permanent"  # never deliverable as it is
+
+
+# mParticle's own list of retryable statuses, which is also the usual webhook practice.
+TRANSIENT_STATUSES = frozenset({408, 429})
+
+
+def classify(status: int | None) -> Verdict:
+    """No answer (a timeout, a refused connection), 408, 429 and 5xx are transient."""
+    if status is None:
+        return Verdict.TRANSIENT
+    if 200 <= status < 300:
+        return Verdict.OK
+    if status in TRANSIENT_STATUSES or 500 <= status < 600:
+        return Verdict.TRANSIENT
+    return Verdict.PERMANENT
+
+
+class Hold(StrEnum):
+    """A gate that said "not yet" before a call: the work is deferred without spending an attempt."""
+
+    RATE_LIMITED = "rate_limited"  # over the rate limit, or the API key is paused after a 429
+    AUDIENCE_BUSY = "audience_busy"  # another task's member call to the same audience is in flight
+
+
+class Action(StrEnum):
+    """What becomes of the work after an attempt. The values are the `outcome` of log lines."""
+
+    DELIVERED = "delivered"
+    RETRY = "retry"  # next attempt, after a backoff
+    DEFER = "deferred"  # same attempt, after the gate's wait
+    DEAD = "dead"  # to the dead letters, with a reason
+
+
+class DeadReason(StrEnum):
+    """Dead-letter reasons decided here (the mapping adds its own, e.g. missing_api_key)."""
+
+    PARTNER_REJECTED = "partner_rejected"
+    MAX_ATTEMPTS = "max_attempts"
+    MAX_AGE = "max_age"
+    INVALID_JSON = "invalid_json"
+    INVALID_MESSAGE = "invalid_message"
+    INTERNAL_ERROR = "internal_error"
+
+
+RETRY_REASON = "partner_transient"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One accepted message of the work, planned."""
+
+    body: str
+    message_id: str | None
+    account_id: int | None
+    message_type: str | None
+    # Its operations the partner does not have yet, with their idempotency keys (the delivered marks).
+    operations: tuple[Operation, ...] = ()
+    marks: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A member that can never be delivered as it is: dead-lettered at once, on its own."""
+
+    body: str
+    message_id: str | None
+    account_id: int | None
+    message_type: str | None
+    reason: str
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Call:
+    """One partner call, and the delivered marks it earns when the partner takes it."""
+
+    operation: Operation
+    marks: tuple[str, ...]
+    account_id: int | None  # whose audience subscription a 401/403 suspends
+
+
+@dataclass(frozen=True)
 class Outcome:
-    # "delivered"; "retry" (transient failure); "deferred" (rate limited or paused: try again
-    # later without counting an attempt); "dead" (never deliverable as it is)
-    status: str
-    message_id: str | None = None
-    account_id: int | None = None
-    message_type: str | None = None
-    reason: str | None = None
+    """How far one attempt got.
+
+    `hold` set: a gate stopped it before its next call (`wait`: for how long). Otherwise
+    `verdict` is the partner's on the last call made (OK when every call was taken, or none was
+    needed) and `wait` is the partner's Retry-After, if any.
+    """
+
+    verdict: Verdict = Verdict.OK
+    hold: Hold | None = None
+    wait: float | None = None
     last_status: int | None = None
     error: str | None = None
-    retry_after: float | None = None
-    operations: int = 0
-    sent: int = 0
+    sent: int = 0  # calls the partner took in this attempt
+    waited: float = 0.0  # seconds slept in the task for the rate limit
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    attempt: int  # the attempt the work runs as next; for DELIVERED and DEAD, the one just made
+    delay: float | None = None  # RETRY and DEFER: seconds until it runs again
+    reason: str | None = None  # DEAD: the dead-letter reason; DEFER: the Hold; RETRY: RETRY_REASON
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What one attempt did, member by member."""
+
+    outcome: Outcome
+    delivered: tuple[Member, ...]  # the partner has every operation of these (now or before)
+    pending: tuple[Member, ...]  # still to deliver: retried, deferred or dead-lettered together
+    rejected: tuple[Rejected, ...]
+
+    @property
+    def message_id(self) -> str | None:
+        """For the attempt's log line: the message's id, or how many a group had."""
+        members = self.pending + self.delivered
+        return members[0].message_id if len(members) == 1 else f"group of {len(members)}"
+
+    @property
+    def account_id(self) -> int | None:
+        members = self.pending + self.delivered
+        return members[0].account_id if members else None
+
+
+class Jitter(Protocol):
+    """A source of randomness: the `random` module itself, or a seeded `random.Random` in tests."""
+
+    def uniform(self, a: float, b: float) -> float: ...
+
+
+# ---------------------------------------------------------------- decide
+
+
+def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None = None, rng: Jitter = random) -> float:
+    """Exponential backoff with full jitter, never less than the partner's Retry-After.
+
+    Attempt n waits a random time in [0, min(RETRY_BACKOFF_MAX, BASE * 2^(n-1))]; a
+    Retry-After raises that to its value, capped by RETRY_AFTER_MAX_SECONDS.
+    """
+    delay = rng.uniform(0, min(settings.retry_backoff_max, settings.retry_backoff_base * 2 ** (attempt - 1)))
+    if retry_after is not None:
+        delay = max(delay, min(retry_after, settings.retry_after_max_seconds))
+    return delay
+
+
+def decide(
+    outcome: Outcome, *, attempt: int, first_seen_ms: int, now_ms: int, settings: Settings, rng: Jitter = random
+) -> Decision:
+    """What to do with the work after attempt number `attempt`."""
+    if outcome.hold is not None:
+        # A gate is no failure of the partner's: the same attempt runs again once it opens.
+        return Decision(Action.DEFER, attempt, outcome.wait or 1.0, outcome.hold)
+    if outcome.verdict is Verdict.OK:
+        return Decision(Action.DELIVERED, attempt)
+    if outcome.verdict is Verdict.PERMANENT:
+        return Decision(Action.DEAD, attempt, reason=DeadReason.PARTNER_REJECTED)
+    delay = backoff_seconds(attempt, settings, outcome.wait, rng)
+    if attempt >= settings.retry_max_attempts:
+        return Decision(Action.DEAD, attempt, reason=DeadReason.MAX_ATTEMPTS)
+    # Dead now rather than retried past the age at which the data stops being worth sending.
+    if (now_ms - first_seen_ms) / 1000 + delay > settings.retry_max_age_seconds:
+        return Decision(Action.DEAD, attempt, reason=DeadReason.MAX_AGE)
+    # Attempts count failures in a row: an attempt that got part of the work through (some
+    # partner calls answered 2xx) starts the count again for what is left.
+    return Decision(Action.RETRY, 2 if outcome.sent else attempt + 1, delay, RETRY_REASON)
+
+
+# ---------------------------------------------------------------- plan → gate → send
+
+
+def attempt_delivery(bodies: Sequence[str], rt: Runtime) -> Attempt:
+    """One attempt at delivering these accepted messages (one, or a group of event batches)."""
+    members, rejected = plan(bodies, rt)
+    outcome, marked = _send_calls(rt, calls_for(members))
+    done = [all(mark in marked for mark in member.marks) for member in members]
+    return Attempt(
+        outcome,
+        delivered=tuple(m for m, ok in zip(members, done, strict=True) if ok),
+        pending=tuple(m for m, ok in zip(members, done, strict=True) if not ok),
+        rejected=tuple(rejected),
+    )
+
+
+def plan(bodies: Sequence[str], rt: Runtime) -> tuple[list[Member], list[Rejected]]:
+    """Each body as a Member with the operations still to send, or Rejected (skipped events counted)."""
+    members: list[Member] = []
+    rejected: list[Rejected] = []
+    skipped: Counter[str] = Counter()
+    for body in bodies:
+        planned = _plan_one(body)
+        if isinstance(planned, Rejected):
+            rejected.append(planned)
+        else:
+            members.append(planned[0])
+            skipped.update(planned[1])
+    _count_skipped(rt, skipped)
+    marks = [mark for member in members for mark in member.marks]
+    if not marks:
+        return members, rejected
+    # The partner already took these (an earlier attempt, a replay, or a pump that published the
+    # message twice): never send them again.
+    pipe = rt.redis.pipeline(transaction=False)
+    for mark in marks:
+        pipe.exists(rt.keys.delivered(mark))
+    taken = {mark for mark, exists in zip(marks, pipe.execute(), strict=True) if exists}
+    return [_without(member, taken) for member in members], rejected
+
+
+def calls_for(members: Sequence[Member]) -> list[Call]:
+    """Event batches for one API key share one call; any other operation is a call of its own.
+
+    The merged payload (and so its Idempotency-Key) depends only on the members and their
+    order, which is why a group that fails is retried as the same group (workers/grouping.py).
+    For a single message the call is its own operation, unchanged.
+    """
+    order: list[str | Call] = []
+    events: dict[str, list[tuple[Operation, str, int | None]]] = {}
+    for member in members:
+        for operation, mark in zip(member.operations, member.marks, strict=True):
+            if operation.kind is OperationKind.EVENTS:
+                key = operation.partner_key()
+                if key not in events:
+                    events[key] = []
+                    order.append(key)
+                events[key].append((operation, mark, member.account_id))
+            else:
+                order.append(Call(operation, (mark,), member.account_id))
+    return [item if isinstance(item, Call) else _merged(events[item]) for item in order]
+
+
+def _merged(parts: list[tuple[Operation, str, int | None]]) -> Call:
+    first, _, account_id = parts[0]
+    if len(parts) == 1:
+        return Call(first, (parts[0][1],), account_id)
+    operation = Operation(
+        OperationKind.EVENTS,
+        {"batches": [batch for op, _, _ in parts for batch in op.payload["batches"]]},
+        first.api_key,
+        message_id=",".join(op.message_id or "" for op, _, _ in parts),
+    )
+    return Call(operation, tuple(mark for _, mark, _ in parts), account_id)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One call's way through its gates: the partner's answer, a hold, or nothing left to send."""
+
+    result: PartnerResult | None = None
+    hold: Hold | None = None
+    wait: float | None = None
     waited: float = 0.0
-    skipped: dict[str, int] = field(default_factory=dict)
 
 
-def _count_skipped(rt: Runtime, skipped: dict[str, int]) -> None:
-    if skipped:
+def _send_calls(rt: Runtime, calls: Sequence[Call]) -> tuple[Outcome, set[str]]:
+    """Send the calls in order, stopping at the first one not taken; returns the marks written."""
+    sent, waited, last_status = 0, 0.0, None
+    marked: set[str] = set()
+    for call in calls:
+        step = _through_gates(rt, call)
+        waited += step.waited
+        if step.hold is not None:
+            return Outcome(hold=step.hold, wait=step.wait, last_status=last_status, sent=sent, waited=waited), marked
+        if step.result is not None:
+            last_status = step.result.status
+            verdict = classify(step.result.status)
+            if verdict is not Verdict.OK:
+                answer = step.result
+                outcome = Outcome(
+                    verdict,
+                    wait=answer.retry_after,
+                    last_status=answer.status,
+                    error=answer.error,
+                    sent=sent,
+                    waited=waited,
+                )
+                return outcome, marked
+            sent += 1
+        # Written only after the partner took the call (or had newer state for all of it).
         pipe = rt.redis.pipeline(transaction=False)
-        for reason, n in skipped.items():
-            pipe.hincrby(rt.keys.skipped_events, reason, n)
+        for mark in call.marks:
+            pipe.set(rt.keys.delivered(mark), 1, ex=rt.settings.dedup_ttl_seconds)
         pipe.execute()
+        marked.update(call.marks)
+    return Outcome(Verdict.OK, last_status=last_status, sent=sent, waited=waited), marked
 
 
-def _wait_for_slot(rt: Runtime, operation: Operation, outcome: Outcome) -> float:
-    """0 once this call holds a rate-limit slot; else how long the task should be deferred."""
+def _through_gates(rt: Runtime, call: Call) -> _Step:
+    operation = call.operation
+    if operation.kind is not OperationKind.MEMBERS:
+        return _gated_send(rt, operation, call.account_id)
+    # Member changes go one call per audience at a time, and only forward in time.
+    with rt.audiences.locked(operation) as held:
+        if not held:
+            return _Step(hold=Hold.AUDIENCE_BUSY, wait=_AUDIENCE_BUSY_DEFER_SECONDS)
+        fresh = rt.audiences.fresh_changes(operation)
+        if fresh is None:
+            return _Step()  # the partner already has newer state for every user here
+        step = _gated_send(rt, fresh, call.account_id)
+        if step.result is not None and classify(step.result.status) is Verdict.OK:
+            rt.audiences.record(fresh)
+        return step
+
+
+def _gated_send(rt: Runtime, operation: Operation, account_id: int | None) -> _Step:
+    defer, waited = _wait_for_slot(rt, operation)
+    if defer:
+        return _Step(hold=Hold.RATE_LIMITED, wait=defer, waited=waited)
+    result = _send(rt, operation)
+    if operation.kind.is_audience and account_id is not None:
+        _track_credentials(rt, operation, account_id, result.status)
+    return _Step(result=result, waited=waited)
+
+
+def _wait_for_slot(rt: Runtime, operation: Operation) -> tuple[float, float]:
+    """(0, seconds slept) once this call holds a rate-limit slot; else (how long to defer, slept)."""
     partner_key = operation.partner_key()
+    waited = 0.0
     for _ in range(_MAX_INLINE_WAITS):
         wait = rt.gate.acquire(partner_key)
         if wait <= 0:
-            return 0.0
+            return 0.0, waited
         stats.incr(rt.redis, rt.keys, stats.RATE_LIMITED)
         if wait > rt.settings.rate_limit_max_inline_wait_seconds:
-            return wait
-        outcome.waited += wait
+            return wait, waited
+        waited += wait
         time.sleep(wait)
-    return rt.settings.rate_limit_max_inline_wait_seconds
+    return rt.settings.rate_limit_max_inline_wait_seconds, waited
 
 
-def _send(rt: Runtime, operation: Operation, key: str) -> PartnerResult:
+def _send(rt: Runtime, operation: Operation) -> PartnerResult:
     started = time.monotonic()
-    result = rt.partner.send(operation, key)
+    result = rt.partner.send(operation, operation.idempotency_key())
     pipe = rt.redis.pipeline(transaction=False)
     stats.incr(pipe, rt.keys, stats.PARTNER_CALLS)
     stats.record_latency(pipe, rt.keys, time.monotonic() - started)
@@ -88,71 +397,6 @@ def _send(rt: Runtime, operation: Operation, key: str) -> PartnerResult:
     return result
 
 
-def deliver_message(body: str | bytes, rt: Runtime) -> Outcome:
-    plan = _plan_single(body, rt)
-    if isinstance(plan, Outcome):
-        return plan
-    outcome = Outcome(
-        "delivered",
-        message_id=plan.message_id,
-        account_id=plan.account_id,
-        message_type=plan.message_type,
-        operations=len(plan.operations),
-        skipped=plan.skipped,
-    )
-    for operation in plan.operations:
-        marker = rt.keys.delivered(operation.idempotency_key())
-        # The partner already took this payload (an earlier attempt, a replay, or a pump
-        # that published the message twice): never send it again.
-        if rt.redis.exists(marker):
-            continue
-        if operation.kind == MEMBERS:
-            done = _deliver_members(rt, operation, outcome)
-        else:
-            done = _deliver(rt, operation, outcome)
-        if not done:
-            return outcome
-        rt.redis.set(marker, 1, ex=rt.settings.dedup_ttl_seconds)
-    return outcome
-
-
-def _deliver(rt: Runtime, operation: Operation, outcome: Outcome) -> bool:
-    """Send one operation under the partner gate; True once the partner took it."""
-    defer = _wait_for_slot(rt, operation, outcome)
-    if defer:
-        outcome.status, outcome.reason, outcome.retry_after = "deferred", "rate_limited", defer
-        return False
-    result = _send(rt, operation, operation.idempotency_key())
-    outcome.last_status = result.status
-    if operation.kind in AUDIENCE_KINDS and outcome.account_id is not None:
-        _track_credentials(rt, operation, outcome.account_id, result.status)
-    if result.outcome == "ok":
-        outcome.sent += 1
-        return True
-    outcome.error = result.error
-    outcome.retry_after = result.retry_after
-    outcome.status = "retry" if result.outcome == "transient" else "dead"
-    outcome.reason = "partner_transient" if outcome.status == "retry" else "partner_rejected"
-    return False
-
-
-def _deliver_members(rt: Runtime, operation: Operation, outcome: Outcome) -> bool:
-    """Member changes go one call per audience at a time, and only forward in time."""
-    for _ in range(_LOCK_TRIES):
-        with rt.audiences.locked(operation) as held:
-            if held:
-                fresh = rt.audiences.fresh_changes(operation)
-                if fresh is None:
-                    return True  # the partner already has newer state for every user here
-                if not _deliver(rt, fresh, outcome):
-                    return False
-                rt.audiences.record(fresh)
-                return True
-        time.sleep(_LOCK_POLL_SECONDS)
-    outcome.status, outcome.reason, outcome.retry_after = "deferred", "audience_busy", 1.0
-    return False
-
-
 def _track_credentials(rt: Runtime, operation: Operation, account_id: int, status: int | None) -> None:
     """A 401/403 on audience calls asks mParticle to suspend the subscription; a success clears it."""
     flag = rt.keys.suspended(account_id)
@@ -162,90 +406,62 @@ def _track_credentials(rt: Runtime, operation: Operation, account_id: int, statu
         rt.redis.delete(flag)
 
 
-@dataclass
-class GroupOutcome:
-    """What became of a group of event batches sent as one partner call."""
-
-    outcome: Outcome  # the shared call: delivered, retry, deferred or dead
-    delivered: int = 0  # messages the partner has now (or had already)
-    # (body, its operation) still to deliver after a retry or a deferral
-    pending: list[tuple[str, Operation]] = field(default_factory=list)
-    dead: list[tuple[str, Outcome]] = field(default_factory=list)  # (body, why) to dead-letter
-
-
-def deliver_event_group(bodies: list[str], rt: Runtime) -> GroupOutcome:
-    """Send many messages' event batches for one API key in one `POST /v1/events`.
-
-    The merged payload (and so its Idempotency-Key) depends only on the group's members; a
-    group that fails is retried as the same group (see workers/grouping.py).
-    """
-    group = GroupOutcome(Outcome("delivered", message_type="event_processing_request"))
-    members: list[tuple[str, Operation]] = []
-    for body in bodies:
-        single = _plan_single(body, rt)
-        if isinstance(single, Outcome):
-            group.dead.append((body, single))
-            continue
-        if not single.operations:
-            group.delivered += 1  # every event was skipped: nothing to send
-            continue
-        [operation] = single.operations
-        if rt.redis.exists(rt.keys.delivered(operation.idempotency_key())):
-            group.delivered += 1
-            continue
-        members.append((body, operation))
-    if not members:
-        return group
-    merged = Operation(
-        EVENTS,
-        {"batches": [batch for _, op in members for batch in op.payload["batches"]]},
-        members[0][1].api_key,
-        message_id=",".join(op.message_id or "" for _, op in members),
-    )
-    outcome = group.outcome
-    outcome.message_id = members[0][1].message_id if len(members) == 1 else f"group of {len(members)}"
-    outcome.account_id = members[0][1].payload["batches"][0]["account_id"]
-    outcome.operations = 1
-    if not _deliver(rt, merged, outcome):
-        if outcome.status == "dead":
-            group.dead.extend((body, member_outcome(outcome, op)) for body, op in members)
-        else:
-            group.pending = members
-        return group
-    pipe = rt.redis.pipeline(transaction=False)
-    for _, operation in members:
-        pipe.set(rt.keys.delivered(operation.idempotency_key()), 1, ex=rt.settings.dedup_ttl_seconds)
-    pipe.execute()
-    group.delivered += len(members)
-    return group
-
-
-def member_outcome(shared: Outcome, operation: Operation) -> Outcome:
-    """A group's outcome, told of one of its messages (for its log line and dead letter)."""
-    batch = operation.payload["batches"][0]
-    return dataclasses.replace(shared, message_id=batch["message_id"], account_id=batch["account_id"])
-
-
-def _plan_single(body: str | bytes, rt: Runtime) -> Plan | Outcome:
-    """The plan of one message (skipped events counted), or the Outcome that dead-letters it."""
+def _plan_one(body: str) -> tuple[Member, dict[str, int]] | Rejected:
+    """The member and its skipped events by reason, or why it is rejected."""
     try:
         message: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return Outcome("dead", reason="invalid_json")
+        return Rejected(body, None, None, None, DeadReason.INVALID_JSON)
     try:
-        plan = plan_message(message)
-    except (MessageInvalid, PermanentFailure) as exc:
-        invalid = isinstance(exc, MessageInvalid)
-        return Outcome(
-            "dead",
-            message_id=message_id_of(message),
-            account_id=account_id_of(message),
-            message_type=message.get("type") if isinstance(message, dict) else None,
-            reason="invalid_message" if invalid else exc.reason,
-            error=str(exc)[:500] if invalid else exc.detail,
-        )
-    _count_skipped(rt, plan.skipped)
-    return plan
+        planned = plan_message(message)
+    except MessageInvalid as exc:
+        return Rejected(body, *identify(message), DeadReason.INVALID_MESSAGE, str(exc)[:500])
+    except PermanentFailure as exc:
+        return Rejected(body, *identify(message), exc.reason, exc.detail)
+    operations = tuple(planned.operations)
+    member = Member(
+        body,
+        planned.message_id,
+        planned.account_id,
+        planned.message_type,
+        operations,
+        tuple(op.idempotency_key() for op in operations),
+    )
+    return member, planned.skipped
+
+
+def _without(member: Member, taken: set[str]) -> Member:
+    if not taken.intersection(member.marks):
+        return member
+    kept = [(op, mark) for op, mark in zip(member.operations, member.marks, strict=True) if mark not in taken]
+    return Member(
+        member.body,
+        member.message_id,
+        member.account_id,
+        member.message_type,
+        tuple(op for op, _ in kept),
+        tuple(mark for _, mark in kept),
+    )
+
+
+def _count_skipped(rt: Runtime, skipped: Counter[str]) -> None:
+    if skipped:
+        pipe = rt.redis.pipeline(transaction=False)
+        for reason, n in skipped.items():
+            pipe.hincrby(rt.keys.skipped_events, reason, n)
+        pipe.execute()
+
+
+def identify(message: Any) -> tuple[str | None, int | None, str | None]:
+    """(message id, account id, type) as far as the message has them, for logs and dead letters."""
+    return message_id_of(message), account_id_of(message), type_of(message)
+
+
+def identify_body(body: str) -> tuple[str | None, int | None, str | None]:
+    try:
+        return identify(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None, None, None
 
 
 def message_id_of(message: Any) -> str | None:
@@ -258,3 +474,8 @@ def account_id_of(message: Any) -> int | None:
     account = message.get("account") if isinstance(message, dict) else None
     account_id = account.get("account_id") if isinstance(account, dict) else None
     return account_id if isinstance(account_id, int) and not isinstance(account_id, bool) else None
+
+
+def type_of(message: Any) -> str | None:
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None

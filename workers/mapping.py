@@ -12,16 +12,7 @@ from schemas.audiences import parse_membership_change, parse_subscription
 from schemas.dsr import parse_dsr
 from schemas.events import parse_event_batch
 from schemas.messages import DSR, EVENTS, MEMBERSHIP, SUBSCRIPTION
-from workers.partner.base import (
-    AUDIENCE_DELETE,
-    AUDIENCE_UPSERT,
-    ERASE,
-    MEMBERS,
-    Operation,
-)
-from workers.partner.base import (
-    EVENTS as EVENTS_OP,
-)
+from workers.partner.base import Operation, OperationKind
 
 API_KEY_SETTING = "apiKey"
 
@@ -90,7 +81,9 @@ def plan_events(message: dict[str, Any]) -> Plan:
             }
         ]
     }
-    plan.operations.append(Operation(EVENTS_OP, payload, _api_key(batch.account_settings), message_id=batch.message_id))
+    plan.operations.append(
+        Operation(OperationKind.EVENTS, payload, _api_key(batch.account_settings), message_id=batch.message_id)
+    )
     return plan
 
 
@@ -99,7 +92,9 @@ def plan_subscription(message: dict[str, Any]) -> Plan:
     plan = Plan(sub.message_id, sub.account_id)
     api_key = _api_key(sub.account_settings)
     if sub.action == "remove":
-        op = Operation(AUDIENCE_DELETE, {"account_id": sub.account_id}, api_key, sub.audience_id, sub.message_id)
+        op = Operation(
+            OperationKind.AUDIENCE_DELETE, {"account_id": sub.account_id}, api_key, sub.audience_id, sub.message_id
+        )
     else:
         payload = {
             "account_id": sub.account_id,
@@ -107,7 +102,7 @@ def plan_subscription(message: dict[str, Any]) -> Plan:
             "description": sub.audience_description,
             "settings": sub.settings,
         }
-        op = Operation(AUDIENCE_UPSERT, payload, api_key, sub.audience_id, sub.message_id)
+        op = Operation(OperationKind.AUDIENCE_UPSERT, payload, api_key, sub.audience_id, sub.message_id)
     plan.operations.append(op)
     return plan
 
@@ -134,7 +129,7 @@ def plan_membership(message: dict[str, Any]) -> Plan:
     api_key = _api_key(change.account_settings)
     for audience_id, changes in sorted(by_audience.items()):
         payload = {"account_id": change.account_id, "changes": changes}
-        plan.operations.append(Operation(MEMBERS, payload, api_key, audience_id, change.message_id))
+        plan.operations.append(Operation(OperationKind.MEMBERS, payload, api_key, audience_id, change.message_id))
     return plan
 
 
@@ -150,7 +145,9 @@ def plan_dsr(message: dict[str, Any]) -> Plan:
         "regulation": request.regulation,
         "identities": request.identities,
     }
-    plan.operations.append(Operation(ERASE, payload, _api_key(request.account_settings), message_id=request.message_id))
+    plan.operations.append(
+        Operation(OperationKind.ERASE, payload, _api_key(request.account_settings), message_id=request.message_id)
+    )
     return plan
 
 

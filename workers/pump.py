@@ -19,9 +19,9 @@ import redis
 from celery import Celery, bootsteps
 
 from common.config import Settings
-from common.keys import INBOX_GROUP, Keys
+from common.keys import Keys
+from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INBOX_GROUP
 from common.redis_conn import worker_client
-from workers.celery_app import DELIVER_EVENTS_TASK, DELIVER_TASK, DELIVERY_QUEUE
 from workers.grouping import plan_jobs
 from workers.scheduler import RetrySchedule
 
@@ -37,7 +37,9 @@ class InboxPump:
         self.consumer = consumer
         self.keys = Keys(settings.key_prefix)
         # Blocking reads need a socket timeout longer than the block.
-        self.redis = worker_client(settings.redis_url, timeout_s=settings.pump_block_ms / 1000 + 5)
+        self.redis = worker_client(
+            settings.redis_url, timeout_s=settings.pump_block_ms / 1000 + 5, ssl_cert_reqs=settings.redis_ssl_cert_reqs
+        )
         # Start by re-reading what this consumer name read but never finished (a restart).
         self._own_pending = True
         self._next_claim = 0.0
@@ -120,7 +122,11 @@ class InboxPump:
 
 
 class PumpStep(bootsteps.StartStopStep):
-    """Runs the inbox pump in a thread of every worker's main process."""
+    """Runs the inbox pump in a thread of every worker's main process.
+
+    Added by workers.celery_app.celery_init_app, which keeps the Flask app on the Celery app:
+    the pump reads that app's settings, the same the tasks run with.
+    """
 
     requires = {"celery.worker.components:Pool"}
 
@@ -130,7 +136,8 @@ class PumpStep(bootsteps.StartStopStep):
         self.stop_event = threading.Event()
 
     def start(self, worker: Any) -> None:
-        pump = InboxPump(worker.app, Settings.from_env(), consumer=worker.hostname)
+        settings: Settings = worker.app.flask_app.config["SETTINGS"]
+        pump = InboxPump(worker.app, settings, consumer=worker.hostname)
         self.thread = threading.Thread(target=pump.run, args=(self.stop_event,), name="inbox-pump", daemon=True)
         self.thread.start()
         log.info("pump_started consumer=%s", worker.hostname, extra={"event": "pump_started"})

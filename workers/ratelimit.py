@@ -10,13 +10,14 @@ takes its time from each client and counts periods in whole seconds.
 
 from __future__ import annotations
 
-import re
 import uuid
-from dataclasses import dataclass
 
 import redis
 
 from common.keys import Keys
+
+# Parsed in common/ so Settings can check PARTNER_RATE_LIMIT at start; importable from here as before.
+from common.ratelimit import RateLimit
 
 # A sliding-window log: the window holds the decision times of the last `limit` calls.
 _ACQUIRE = """
@@ -50,26 +51,6 @@ if until_ms > current then
 end
 return current
 """
-
-_PERIODS = {"second": 1, "minute": 60, "hour": 3600}
-_LIMIT = re.compile(r"^\s*(\d+)\s*/\s*(\d*)\s*(second|minute|hour)s?\s*$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class RateLimit:
-    calls: int
-    period_seconds: float
-
-    @classmethod
-    def parse(cls, text: str) -> RateLimit | None:
-        """'50/second', '600/minute', '5/2seconds'; '' or 'none' for no limit."""
-        if not text.strip() or text.strip().lower() in {"none", "0", "off"}:
-            return None
-        match = _LIMIT.match(text)
-        if not match:
-            raise ValueError(f"PARTNER_RATE_LIMIT must look like '50/second', not {text!r}")
-        calls, multiple, unit = match.groups()
-        return cls(int(calls), int(multiple or 1) * _PERIODS[unit.lower()])
 
 
 class PartnerGate:

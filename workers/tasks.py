@@ -1,12 +1,10 @@
-"""Celery tasks: thin wrappers that add the retry policy and logging to workers.delivery."""
+"""Celery tasks: they apply what workers.delivery decides (reschedule, dead-letter, count, log)."""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import logging
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,107 +14,138 @@ import redis
 from celery import shared_task
 from celery.exceptions import Reject
 
-from common import stats
-from workers import dead_letters
-from workers.celery_app import DELIVER_EVENTS_TASK, DELIVER_TASK
-from workers.delivery import Outcome, account_id_of, deliver_event_group, deliver_message, member_outcome, message_id_of
+from common import dead_letters, stats
+from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK
+from workers.delivery import (
+    Action,
+    DeadReason,
+    Decision,
+    Member,
+    Outcome,
+    Rejected,
+    attempt_delivery,
+    decide,
+    identify_body,
+)
 from workers.grouping import GROUP
 from workers.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
 
-
-def backoff_seconds(attempt: int, rt: Runtime, retry_after: float | None = None) -> float:
-    """Exponential backoff with full jitter, never less than the partner's Retry-After.
-
-    Attempt n waits a random time in [0, min(RETRY_BACKOFF_MAX, BASE * 2^(n-1))]; a
-    Retry-After raises that to its value, capped by RETRY_AFTER_MAX_SECONDS.
-    """
-    settings = rt.settings
-    delay = random.uniform(0, min(settings.retry_backoff_max, settings.retry_backoff_base * 2 ** (attempt - 1)))
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, settings.retry_after_max_seconds))
-    return delay
+# Between a Redis error and the requeue: not a hot loop while Redis comes back.
+REDIS_ERROR_PAUSE_SECONDS = 1.0
 
 
-def _log_attempt(outcome: Outcome, attempt: int, wait: float | None) -> None:
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _log_attempt(
+    message_id: str | None,
+    account_id: int | None,
+    attempt: int,
+    decision: Decision,
+    outcome: Outcome | None = None,
+) -> None:
+    status = outcome.last_status if outcome else None
+    wait = decision.delay
     log.info(
         "delivery_attempt message_id=%s account_id=%s attempt=%s outcome=%s status=%s wait=%s",
-        outcome.message_id,
-        outcome.account_id,
+        message_id,
+        account_id,
         attempt,
-        outcome.status,
-        outcome.last_status,
+        decision.action.value,
+        status,
         None if wait is None else round(wait, 3),
         extra={
             "event": "delivery_attempt",
-            "message_id": outcome.message_id,
-            "account_id": outcome.account_id,
+            "message_id": message_id,
+            "account_id": account_id,
             "attempt": attempt,
-            "outcome": outcome.status,
-            "reason": outcome.reason,
-            "status": outcome.last_status,
+            "outcome": decision.action.value,
+            "reason": None if decision.reason is None else str(decision.reason),
+            "status": status,
             "wait": wait,
-            "rate_limit_wait": round(outcome.waited, 3),
+            "rate_limit_wait": round(outcome.waited, 3) if outcome else 0.0,
         },
     )
 
 
-def _dead(rt: Runtime, body: str, outcome: Outcome, reason: str, attempt: int) -> None:
+def _dead_letter(
+    rt: Runtime,
+    member: Member | Rejected,
+    reason: str,
+    attempt: int,
+    last_status: int | None = None,
+    error: str | None = None,
+) -> None:
     dead_letters.add(
         rt.redis,
         rt.keys,
-        body,
-        reason=reason,
-        message_id=outcome.message_id,
-        account_id=outcome.account_id,
-        message_type=outcome.message_type,
-        last_status=outcome.last_status,
-        error=outcome.error,
+        member.body,
+        reason=str(reason),
+        message_id=member.message_id,
+        account_id=member.account_id,
+        message_type=member.message_type,
+        last_status=last_status,
+        error=error,
         attempts=attempt,
     )
 
 
-class Policy:
-    """What happens after an attempt: done, later (same attempt), retry (next attempt) or dead.
+def _reschedule(
+    rt: Runtime, pending: tuple[Member, ...], grouped: bool, decision: Decision, first_seen_ms: int
+) -> None:
+    if grouped:
+        # A group goes back as the same group: regrouped, the partner could get a batch it
+        # already took (behind a timeout) again under another Idempotency-Key.
+        members = orjson.dumps([member.body for member in pending]).decode()
+        body, message_id, message_type = members, hashlib.sha256(members.encode()).hexdigest()[:32], GROUP
+    else:
+        [member] = pending
+        body, message_id, message_type = member.body, member.message_id or "", member.message_type or ""
+    rt.retries.schedule(
+        body,
+        message_id=message_id,
+        message_type=message_type,
+        attempt=decision.attempt,
+        first_seen_ms=first_seen_ms,
+        delay=decision.delay or 0.0,
+    )
 
-    `reschedule(attempt, delay)` puts the work back in the retry schedule; `dead(reason)`
-    dead-letters it. Both are given by the task, which knows what "the work" is.
+
+def run_attempt(
+    bodies: list[str], attempt: int, first_seen_ms: int | None, *, grouped: bool, rt: Runtime
+) -> Decision | None:
+    """Attempt `attempt` at these messages, and apply what `decide` makes of it.
+
+    `grouped`: the work is a group of event batches (it is rescheduled as one group entry).
+    Returns the decision, None when every message was rejected before any call.
     """
-
-    def __init__(self, rt: Runtime, attempt: int, first_seen_ms: int | None) -> None:
-        self.rt = rt
-        self.attempt = attempt
-        self.now_ms = time.time_ns() // 1_000_000
-        self.first_seen_ms = first_seen_ms or self.now_ms
-
-    def apply(self, outcome: Outcome, reschedule: Callable[[int, float], None], dead: Callable[[str], None]) -> None:
-        rt, attempt = self.rt, self.attempt
-        if outcome.status == "delivered":
-            _log_attempt(outcome, attempt, None)
-            return
-        if outcome.status == "deferred":
-            # The rate limit, a 429 pause or a busy audience said "not yet": same attempt, later.
-            reschedule(attempt, outcome.retry_after or 1.0)
-            _log_attempt(outcome, attempt, outcome.retry_after)
-            return
-        if outcome.status == "retry":
-            wait = backoff_seconds(attempt, rt, outcome.retry_after)
-            age = (self.now_ms - self.first_seen_ms) / 1000 + wait
-            if attempt >= rt.settings.retry_max_attempts or age > rt.settings.retry_max_age_seconds:
-                reason = "max_attempts" if attempt >= rt.settings.retry_max_attempts else "max_age"
-                outcome.status = "dead"
-                _log_attempt(outcome, attempt, None)
-                dead(reason)
-                return
-            # Attempts count failures in a row: an attempt that got part of the message through
-            # (some partner calls answered 2xx) starts the count again for what is left.
-            reschedule(2 if outcome.sent else attempt + 1, wait)
+    now_ms = _now_ms()
+    first_seen = first_seen_ms or now_ms
+    result = attempt_delivery(bodies, rt)
+    for rejected in result.rejected:
+        # A group's invalid member is dead-lettered on its own, with its own id and reason.
+        _log_attempt(
+            rejected.message_id, rejected.account_id, attempt, Decision(Action.DEAD, attempt, None, rejected.reason)
+        )
+        _dead_letter(rt, rejected, rejected.reason, attempt, error=rejected.error)
+    if result.delivered:
+        stats.incr(rt.redis, rt.keys, stats.DELIVERED, len(result.delivered))
+    if not result.delivered and not result.pending:
+        return None
+    outcome = result.outcome
+    decision = decide(outcome, attempt=attempt, first_seen_ms=first_seen, now_ms=now_ms, settings=rt.settings)
+    if decision.action in (Action.RETRY, Action.DEFER):
+        _reschedule(rt, result.pending, grouped, decision, first_seen)
+        if decision.action is Action.RETRY:
             stats.incr(rt.redis, rt.keys, stats.RETRIED)
-            _log_attempt(outcome, attempt, wait)
-            return
-        _log_attempt(outcome, attempt, None)
-        dead(outcome.reason or "unknown")
+    _log_attempt(result.message_id, result.account_id, attempt, decision, outcome)
+    if decision.action is Action.DEAD:
+        for member in result.pending:
+            _dead_letter(rt, member, decision.reason or "unknown", attempt, outcome.last_status, outcome.error)
+    return decision
 
 
 def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -134,7 +163,7 @@ def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., 
                 task(*args, **kwargs)
             except redis.RedisError as exc:
                 log.warning("task_redis_error %s", type(exc).__name__, extra={"event": "task_redis_error"})
-                time.sleep(1.0)  # not a hot loop while Redis comes back
+                time.sleep(REDIS_ERROR_PAUSE_SECONDS)
                 raise Reject(f"Redis error: {type(exc).__name__}", requeue=True) from None
             except Exception as exc:
                 log.exception("task_failed", extra={"event": "task_failed", "error": type(exc).__name__})
@@ -142,30 +171,14 @@ def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., 
                 attempt = kwargs.get("attempt", 1)
                 try:
                     for body in bodies_of(*args, **kwargs):
-                        failure = Outcome("dead", error=type(exc).__name__, message_type=None)
-                        _dead(rt, body, _identify(body, failure), "internal_error", attempt)
+                        member = Rejected(body, *identify_body(body), DeadReason.INTERNAL_ERROR)
+                        _dead_letter(rt, member, member.reason, attempt, error=type(exc).__name__)
                 except redis.RedisError:
                     raise Reject("could not dead-letter", requeue=True) from None
 
         return run
 
     return wrap
-
-
-def _identify(body: str, outcome: Outcome) -> Outcome:
-    """The outcome, with the ids read from the message itself (for its dead letter)."""
-    try:
-        message = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return outcome
-    return dataclasses.replace(
-        outcome, message_id=message_id_of(message), account_id=account_id_of(message), message_type=_type(message)
-    )
-
-
-def _type(message: Any) -> str | None:
-    kind = message.get("type") if isinstance(message, dict) else None
-    return kind if isinstance(kind, str) else None
 
 
 @shared_task(name=DELIVER_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
@@ -177,55 +190,11 @@ def deliver(body: str, attempt: int = 1, first_seen_ms: int | None = None) -> No
     (workers/scheduler.py) and this task ends, so no worker is parked and no countdown can
     outlive the broker's visibility timeout.
     """
-    rt = runtime()
-    policy = Policy(rt, attempt, first_seen_ms)
-    outcome = deliver_message(body, rt)
-    if outcome.status == "delivered":
-        stats.incr(rt.redis, rt.keys, stats.DELIVERED)
-
-    def reschedule(next_attempt: int, delay: float) -> None:
-        rt.retries.schedule(
-            body,
-            message_id=outcome.message_id or "",
-            message_type=outcome.message_type or "",
-            attempt=next_attempt,
-            first_seen_ms=policy.first_seen_ms,
-            delay=delay,
-        )
-
-    policy.apply(outcome, reschedule, lambda reason: _dead(rt, body, outcome, reason, attempt))
+    run_attempt([body], attempt, first_seen_ms, grouped=False, rt=runtime())
 
 
 @shared_task(name=DELIVER_EVENTS_TASK, ignore_result=True, acks_late=True, reject_on_worker_lost=True)
 @_never_lost(lambda bodies, *_, **__: list(bodies))
 def deliver_events(bodies: list[str], attempt: int = 1, first_seen_ms: int | None = None) -> None:
     """Attempt `attempt` to deliver a group of event batches for one API key in one partner call."""
-    rt = runtime()
-    policy = Policy(rt, attempt, first_seen_ms)
-    group = deliver_event_group(bodies, rt)
-    for body, why in group.dead:
-        _log_attempt(why, attempt, None)
-        _dead(rt, body, why, why.reason or "unknown", attempt)
-    if group.delivered:
-        stats.incr(rt.redis, rt.keys, stats.DELIVERED, group.delivered)
-    if not group.pending:
-        if group.delivered:
-            _log_attempt(group.outcome, attempt, None)
-        return
-
-    def reschedule(next_attempt: int, delay: float) -> None:
-        members = orjson.dumps([body for body, _ in group.pending]).decode()
-        rt.retries.schedule(
-            members,
-            message_id=hashlib.sha256(members.encode()).hexdigest()[:32],
-            message_type=GROUP,
-            attempt=next_attempt,
-            first_seen_ms=policy.first_seen_ms,
-            delay=delay,
-        )
-
-    def dead(reason: str) -> None:
-        for body, operation in group.pending:
-            _dead(rt, body, member_outcome(group.outcome, operation), reason, attempt)
-
-    policy.apply(group.outcome, reschedule, dead)
+    run_attempt(list(bodies), attempt, first_seen_ms, grouped=True, rt=runtime())

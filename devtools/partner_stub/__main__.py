@@ -15,7 +15,7 @@ from typing import Any
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from devtools.partner_stub.app import StubConfig, create_stub_app
-from devtools.partner_stub.faults import FaultConfigError
+from devtools.partner_stub.fault_rules import FaultConfigError
 
 logger = logging.getLogger("partner_stub")
 

@@ -19,7 +19,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from devtools.partner_stub.faults import FaultConfigError, FaultRule, parse_rules
+from devtools.partner_stub.fault_rules import FaultConfigError, FaultRule, parse_rules
 from devtools.partner_stub.state import (
     PayloadError,
     StoredResponse,
@@ -160,6 +160,9 @@ def create_stub_app(config: StubConfig | Mapping[str, Any] | None = None) -> Fla
     def _after(response: Response) -> Response:
         entry = g.get("entry")
         if entry is not None:
+            # When the answer left, not when the request came in: an injected latency lies between,
+            # and a test judging what the relay did after an answer needs the answer's time.
+            entry["answered_at"] = time.time()
             entry["status"] = response.status_code
         return response
 

@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from devtools.partner_stub.faults import FaultRule
+from devtools.partner_stub.fault_rules import FaultRule
 
 MEMBER_ACTIONS = frozenset({"add", "delete", "update_attributes"})
 ATTRIBUTE_ACTIONS = frozenset({"upsert", "delete"})
@@ -188,6 +188,7 @@ class StubState:
                 "api_key_sha256": api_key_sha256,
                 "body": body,
                 "received_at": time.time(),
+                "answered_at": None,  # filled in with the status: when the answer left
                 "duplicate": False,
                 "fault": False,
             }

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import requests
 
-from tests.support import AUDIENCES_DB, Stub, sample, wait_for
+from tests.support import AUDIENCES_DB, SAMPLES, Stub, extra_corpus, sample, sample_id, wait_for
 from tests.support.stack import TOKEN, Stack, make_stack
 
 AUDIENCES = (101, 202, 303)
@@ -170,11 +170,23 @@ def test_erasure_reaches_the_partner_as_a_deletion(stack: Stack, partner: Stub) 
     assert call["method"] == "DELETE"
 
 
-@pytest.mark.parametrize("version", ["3.2.0", "2.0.0", "1.x-unversioned"])
-def test_shared_membership_samples_are_delivered(stack: Stack, partner: Stub, version: str) -> None:
-    message = orjson.loads(sample(version, "AudienceMembershipChangeRequest.json"))
+# One membership sample per format (1.x lists, 2.0 actions, today's): the fixtures always, the
+# shared SDK corpus's as well when this machine has it.
+MEMBERSHIP_SAMPLES = [
+    corpus / version / "AudienceMembershipChangeRequest.json"
+    for corpus in [SAMPLES, extra_corpus()]
+    if corpus is not None
+    for version in ("3.2.0", "2.0.0", "1.x-unversioned")
+]
+
+
+@pytest.mark.parametrize("path", MEMBERSHIP_SAMPLES, ids=[sample_id(p) for p in MEMBERSHIP_SAMPLES])
+def test_membership_samples_are_delivered(stack: Stack, partner: Stub, path: Path) -> None:
+    message = orjson.loads(path.read_bytes())
     message["id"] = str(uuid.uuid4())
-    message["account"]["account_settings"]["apiKey"] = f"sample-{version}"
+    # Its own key per case, so no case can see members another one delivered.
+    api_key = f"sample-{sample_id(path)}"
+    message["account"]["account_settings"]["apiKey"] = api_key
     assert post(stack, message).status_code == 200
     # Within one message the last change for a user counts (the 1.x sample adds and removes
     # the same user in two profiles).
@@ -192,5 +204,5 @@ def test_shared_membership_samples_are_delivered(stack: Stack, partner: Stub, ve
     wait_for(lambda: stack.drained() and partner.requests("/v1/audiences"), 30, what="the member calls")
     members = partner.state()["members"]
     for audience_id in expected_adds:
-        assert members.get(f"{sha(f'sample-{version}')}:{audience_id}"), (version, audience_id)
+        assert members.get(f"{sha(api_key)}:{audience_id}"), (sample_id(path), audience_id)
     assert stack.redis.zscore("fr:dlq:index", message["id"]) is None

@@ -1,11 +1,10 @@
-"""The deploy files, checked without a Docker engine.
+"""The deploy files, checked without a Docker engine, with processes.
 
-The Dockerfile is linted by hadolint; compose, the Procfile and the ECS task definitions are
-parsed, and every command they give is checked against what the image holds (executables
-from requirements.txt, modules .dockerignore lets in) and then run, in a copy of the build
-context, in a form that loads the app and exits. The Procfile's web and worker are started
-for real the way Heroku starts them, and the Heroku Redis TLS setting is tested against a
-real redis-server serving TLS with a self-signed certificate.
+The Dockerfile is linted by hadolint, and every command compose, the Procfile and the ECS task
+definitions give is run, in a copy of the build context, in a form that loads the app and exits.
+The Procfile's web and worker are started for real the way Heroku starts them, and the Heroku
+Redis TLS setting is tested against a real redis-server serving TLS with a self-signed certificate.
+(Parsing the files and checking the commands against what the image holds: tests/unit/test_deploy_files.py.)
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ import importlib.util
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
-import ssl
 import subprocess
 import tempfile
 import uuid
@@ -31,38 +28,13 @@ import redis as redis_lib
 import requests
 
 from common.config import Settings
-from common.redis_conn import ingest_client, tls_options, worker_client
+from common.redis_conn import ingest_client, worker_client
 from devtools import check_deploy
 from tests.support import BIN, ROOT, Proc, Stub, base_env, free_port, sample, wait_for
+from tests.support.deploy import all_commands, final_stage
 from workers.celery_app import celery_config
 
 # --- Dockerfile -----------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    lines, current = [], ""
-    for raw in (ROOT / "Dockerfile").read_text().splitlines():
-        stripped = raw.strip()
-        if not current and (not stripped or stripped.startswith("#")):
-            continue
-        if stripped.endswith("\\"):
-            current += stripped[:-1] + " "
-            continue
-        current += stripped
-        lines.append(current)
-        current = ""
-    out = []
-    for line in lines:
-        word, _, rest = line.partition(" ")
-        out.append((word.upper(), rest.strip()))
-    return out
-
-
-def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
-    return instructions[last_from:]
 
 
 def test_hadolint_passes() -> None:
@@ -77,60 +49,6 @@ def test_hadolint_passes() -> None:
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-
-
-def test_dockerfile_shape() -> None:
-    instructions = dockerfile_instructions()
-    froms = [args for word, args in instructions if word == "FROM"]
-    assert len(froms) >= 2, "multi-stage: a builder and a runtime stage"
-    assert all(re.match(r"python:3\.11[.\d]*-slim", f) for f in froms), froms
-
-    final = final_stage()
-    final_text = "\n".join(f"{w} {a}" for w, a in final)
-    # No compilers or package installs in what ships.
-    for word in ("apt-get", "apk ", "gcc", "build-essential", "pip install"):
-        assert word not in final_text, f"{word!r} in the final stage"
-    users = [args for word, args in final if word == "USER"]
-    assert users and users[-1].split(":")[0] not in {"0", "root"}, "the final stage runs as a non-root user"
-    assert any(word == "HEALTHCHECK" for word, _ in final)
-    healthcheck = next(args for word, args in final if word == "HEALTHCHECK")
-    assert "/healthz" in healthcheck and "curl" not in healthcheck
-
-    # Dependencies in their own layer, before the code: a code change keeps the pip layer.
-    copies = [args for word, args in instructions if word == "COPY"]
-    req_copy = next(i for i, c in enumerate(copies) if "requirements.txt" in c)
-    code_copy = next(i for i, c in enumerate(copies) if c.split()[0] == ".")
-    assert req_copy < code_copy
-
-
-def test_dockerfile_cmd_is_the_procfile_web_in_exec_form() -> None:
-    final = final_stage()
-    cmd = [args for word, args in final if word == "CMD"][-1]
-    assert cmd.startswith("["), "exec form, so SIGTERM reaches gunicorn itself"
-    assert json.loads(cmd) == shlex.split(check_deploy.procfile()["web"])
-    entrypoints = [args for word, args in final if word == "ENTRYPOINT"]
-    assert all(e.startswith("[") for e in entrypoints)
-
-
-def test_dockerignore_sends_the_code_and_nothing_private() -> None:
-    files = set(check_deploy.context_files())
-    for package in check_deploy.top_level_packages():
-        assert f"{package}/__init__.py" in files, f".dockerignore keeps {package}/ out of the image"
-    for needed in ("requirements.txt", "gunicorn.conf.py", "service/module_registration.json"):
-        assert needed in files
-    rules = check_deploy.dockerignore_rules()
-    for private in (".env", ".git/config", ".venv/bin/python", "tests/conftest.py", "service/__pycache__/x.pyc"):
-        assert not check_deploy.in_context(private, rules), private
-    assert not any(f.startswith(("tests/", ".venv/", ".git/")) for f in files)
-
-
-def test_dockerignore_matcher_follows_docker_rules() -> None:
-    rules = [(False, check_deploy._pattern_regex("*")), (True, check_deploy._pattern_regex("service"))]
-    rules.append((False, check_deploy._pattern_regex("**/__pycache__")))
-    assert check_deploy.in_context("service/x.py", rules)
-    assert not check_deploy.in_context("service/__pycache__/x.pyc", rules)
-    assert not check_deploy.in_context("README.md", rules)
-    assert not check_deploy.in_context("other/service/x.py", rules)
 
 
 # --- commands: compose, Procfile ------------------------------------------------------------
@@ -149,31 +67,6 @@ def image_app() -> Iterator[Path]:
         yield Path(tmp)
 
 
-def all_commands(compose: dict[str, Any]) -> dict[str, list[str]]:
-    commands = {f"Procfile {k}": check_deploy.argv_of(v) for k, v in check_deploy.procfile().items()}
-    commands |= {f"compose {k}": v for k, v in check_deploy.compose_commands(compose).items()}
-    for name, doc in check_deploy.ecs_task_definitions().items():
-        for container in doc["containerDefinitions"]:
-            commands[f"ecs {name} {container['name']}"] = container["command"]
-    return commands
-
-
-def test_every_command_uses_what_the_image_has(compose: dict[str, Any]) -> None:
-    commands = all_commands(compose)
-    assert {"Procfile web", "Procfile worker", "compose web", "compose worker", "compose flower"} <= set(commands)
-    problems = {where: check_deploy.check_command(argv) for where, argv in commands.items()}
-    assert not {k: v for k, v in problems.items() if v}
-
-
-def test_the_command_check_catches_what_the_image_lacks() -> None:
-    # Installed here, but only by requirements-dev.txt: not in the image.
-    assert "not in the image" in check_deploy.check_command(["pytest"])[0]
-    assert "not in the image" in check_deploy.check_command(["curl", "http://x"])[0]
-    assert "does not exist" in check_deploy.check_command(["python", "-m", "devtools.nope"])[0]
-    assert "does not exist" in check_deploy.check_command(["celery", "-A", "workers.nope", "worker"])[0]
-    assert ".dockerignore" in check_deploy.check_command(["python", "-m", "tests.support"])[0]
-
-
 def test_every_command_loads_in_the_image_files(compose: dict[str, Any], image_app: Path) -> None:
     """Each command, made to load its app or module and exit, runs in a copy of the context."""
     for where, argv in all_commands(compose).items():
@@ -181,56 +74,6 @@ def test_every_command_loads_in_the_image_files(compose: dict[str, Any], image_a
         assert done.returncode == 0, f"{where}: {check_deploy.dry_run_argv(argv)}\n{done.stderr[-3000:]}"
     modules = {m for argv in all_commands(compose).values() for m in check_deploy.modules_named(argv)}
     assert {"workers.worker", "devtools.partner_stub", "service"} <= modules
-
-
-def test_compose_services(compose: dict[str, Any]) -> None:
-    services = compose["services"]
-    assert set(services) == {"redis", "web", "worker", "flower", "partner-stub"}
-
-    redis = services["redis"]
-    assert redis["image"].split(":")[1].startswith("7")
-    command = redis["command"]
-    assert command[command.index("--appendonly") + 1] == "yes"
-    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
-    volume, _, path = redis["volumes"][0].partition(":")
-    assert path == "/data" and volume in compose["volumes"], "persistence on a named volume"
-
-    for name, service in services.items():
-        assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-        for dependency, condition in service.get("depends_on", {}).items():
-            assert condition == {"condition": "service_healthy"}, name
-            assert services[dependency].get("healthcheck"), dependency
-
-    built = {name: s for name, s in services.items() if "build" in s}
-    assert set(built) == {"web", "worker", "flower", "partner-stub"}
-    assert len({(s["build"], s.get("image")) for s in built.values()}) == 1, "one image for every role"
-    for name, service in built.items():
-        # A fresh clone has no .env: compose must not require it.
-        assert service["env_file"] == [{"path": ".env", "required": False}], name
-        env = service["environment"]
-        assert env["REDIS_URL"].startswith("redis://redis:"), name
-        assert env["PARTNER_API_URL"] == "http://partner-stub:9400", name
-
-    procfile = {k: shlex.split(v) for k, v in check_deploy.procfile().items()}
-    assert services["web"]["command"] == procfile["web"]
-    assert services["worker"]["command"] == procfile["worker"]
-    assert "8000:8000" in services["web"]["ports"]
-    assert services["flower"]["command"] == ["celery", "-A", "workers.worker", "flower", "--port=5555"]
-    assert any(str(p).endswith(":5555") for p in services["flower"]["ports"])
-    assert services["partner-stub"]["command"][:3] == ["python", "-m", "devtools.partner_stub"]
-
-
-def seconds(value: str) -> int:
-    match = re.fullmatch(r"(\d+)s", value)
-    assert match, value
-    return int(match.group(1))
-
-
-def test_stop_grace_periods_cover_a_graceful_drain(compose: dict[str, Any]) -> None:
-    graceful = check_deploy.gunicorn_graceful_timeout()
-    services = compose["services"]
-    assert seconds(services["web"]["stop_grace_period"]) > graceful
-    assert seconds(services["worker"]["stop_grace_period"]) > Settings().partner_timeout_seconds
 
 
 def compose_cli() -> list[str] | None:
@@ -391,107 +234,7 @@ def test_partner_stub_healthcheck(stub: Stub, compose: dict[str, Any]) -> None:
     assert run_check(check, dict(os.environ)) == 0
 
 
-# --- ECS ------------------------------------------------------------------------------------
-
-
-def test_ecs_task_definitions() -> None:
-    docs = check_deploy.ecs_task_definitions()
-    assert {"task-web.json", "task-worker.json"} <= set(docs)
-    problems = {name: check_deploy.check_task_definition(doc) for name, doc in docs.items()}
-    assert not {k: v for k, v in problems.items() if v}
-
-    web = docs["task-web.json"]["containerDefinitions"][0]
-    worker = docs["task-worker.json"]["containerDefinitions"][0]
-    assert {s["name"] for s in web["secrets"]} >= {"FIREHOSE_AUTH_TOKEN", "REDIS_URL"}
-    assert {s["name"] for s in worker["secrets"]} >= {"REDIS_URL"}
-    assert web["stopTimeout"] > check_deploy.gunicorn_graceful_timeout()
-    assert worker["stopTimeout"] > Settings().partner_timeout_seconds
-    procfile = {k: shlex.split(v) for k, v in check_deploy.procfile().items()}
-    assert web["command"] == procfile["web"] and worker["command"] == procfile["worker"]
-    assert web["portMappings"][0]["containerPort"] == 8000
-
-
-def test_ecs_check_catches_a_secret_in_plain_environment() -> None:
-    doc = json.loads((ROOT / "deploy" / "ecs" / "task-web.json").read_text())
-    container = doc["containerDefinitions"][0]
-    container["environment"].append({"name": "FIREHOSE_AUTH_TOKEN", "value": "oops"})
-    container["environment"].append({"name": "CACHE", "value": "rediss://:pw@host:6379/0"})
-    container["stopTimeout"] = 600
-    problems = "\n".join(check_deploy.check_task_definition(doc))
-    assert "FIREHOSE_AUTH_TOKEN is in plain environment" in problems
-    assert "CACHE is in plain environment" in problems
-    assert "stopTimeout" in problems
-
-
-def test_ecs_placeholders_render_to_valid_json() -> None:
-    values = {name: f"value-of-{name.lower()}" for name in check_deploy.ECS_PLACEHOLDERS}
-    for path in sorted((ROOT / "deploy" / "ecs").glob("*.json")):
-        text = re.sub(r"\$\{([A-Z_]+)\}", lambda m: values[m.group(1)], path.read_text())
-        rendered = json.loads(text)
-        assert "${" not in json.dumps(rendered), path.name
-    readme = (ROOT / "deploy" / "ecs" / "README.md").read_text()
-    for name in check_deploy.ECS_PLACEHOLDERS:
-        assert name in readme, f"{name} is not explained in deploy/ecs/README.md"
-
-
 # --- Heroku ---------------------------------------------------------------------------------
-
-
-def test_app_json() -> None:
-    app = json.loads((ROOT / "app.json").read_text())
-    assert set(app["formation"]) == set(check_deploy.procfile()) - {"release"}
-    assert any(a["plan"].startswith("heroku-redis") for a in app["addons"])
-    env = app["env"]
-    assert env["REDIS_SSL_CERT_REQS"]["value"] == "none"
-    assert env["FIREHOSE_AUTH_TOKEN"]["generator"] == "secret"
-    assert env["PARTNER_API_URL"]["required"] is True
-    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", (ROOT / ".env.example").read_text(), re.M))
-    assert set(env) <= documented, "every app.json setting is one .env.example documents"
-
-
-def test_settings_read_redis_ssl_cert_reqs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("REDIS_SSL_CERT_REQS", raising=False)
-    assert Settings.from_env().redis_ssl_cert_reqs == "required"
-    monkeypatch.setenv("REDIS_SSL_CERT_REQS", " None ")
-    assert Settings.from_env().redis_ssl_cert_reqs == "none"
-    monkeypatch.setenv("REDIS_SSL_CERT_REQS", "off")
-    with pytest.raises(ValueError, match="REDIS_SSL_CERT_REQS"):
-        Settings.from_env()
-
-
-@pytest.mark.parametrize(
-    ("url", "setting", "expected"),
-    [
-        ("redis://h:6379/0", "none", None),  # plain TCP: no TLS options at all
-        ("rediss://h:6379/0", None, ssl.CERT_REQUIRED),  # the default verifies
-        ("rediss://h:6379/0", "none", ssl.CERT_NONE),  # Heroku: bare URL, self-signed
-        ("rediss://h:6379/0", "optional", ssl.CERT_OPTIONAL),
-        ("rediss://h:6379/0?ssl_cert_reqs=required", "none", ssl.CERT_REQUIRED),  # the URL wins
-        ("rediss://h:6379/0?ssl_cert_reqs=CERT_NONE", "required", ssl.CERT_NONE),
-        ("rediss://h:6379/0?ssl_cert_reqs=bogus", "none", ssl.CERT_REQUIRED),  # unknown: verify
-    ],
-)
-def test_tls_options(monkeypatch: pytest.MonkeyPatch, url: str, setting: str | None, expected: int | None) -> None:
-    if setting is None:
-        monkeypatch.delenv("REDIS_SSL_CERT_REQS", raising=False)
-    else:
-        monkeypatch.setenv("REDIS_SSL_CERT_REQS", setting)
-    assert tls_options(url) == ({} if expected is None else {"ssl_cert_reqs": expected})
-    # The explicit argument agrees with the environment it stands for.
-    if setting is not None:
-        monkeypatch.delenv("REDIS_SSL_CERT_REQS")
-        assert tls_options(url, setting) == ({} if expected is None else {"ssl_cert_reqs": expected})
-
-
-def test_redis_clients_and_celery_broker_get_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("REDIS_SSL_CERT_REQS", "none")
-    url = "rediss://:secret@redis.example:6380/0"
-    for client in (ingest_client(url, 60), worker_client(url)):
-        kwargs = client.connection_pool.connection_kwargs
-        assert kwargs["ssl_cert_reqs"] == ssl.CERT_NONE
-    settings = Settings(redis_url=url, broker_url=url, redis_ssl_cert_reqs="none")
-    assert celery_config(settings)["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
-    assert celery_config(Settings(broker_url="redis://h:6379/0"))["broker_use_ssl"] is None
 
 
 @pytest.fixture(scope="module")
@@ -534,18 +277,17 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory, logs_dir: Path) -> Itera
         proc.stop()
 
 
-def test_bare_rediss_url_with_a_self_signed_certificate(monkeypatch: pytest.MonkeyPatch, tls_redis: int) -> None:
+def test_bare_rediss_url_with_a_self_signed_certificate(tls_redis: int) -> None:
     url = f"rediss://127.0.0.1:{tls_redis}/0"
-    monkeypatch.setenv("REDIS_SSL_CERT_REQS", "required")
     with pytest.raises(redis_lib.ConnectionError):
-        worker_client(url, timeout_s=5).ping()
+        worker_client(url, timeout_s=5, ssl_cert_reqs="required").ping()
 
-    monkeypatch.setenv("REDIS_SSL_CERT_REQS", "none")
-    assert ingest_client(url, 2000).ping()
-    assert worker_client(url, timeout_s=5).ping()
+    # REDIS_SSL_CERT_REQS=none, as callers pass it from Settings.
+    assert ingest_client(url, 2000, "none").ping()
+    assert worker_client(url, timeout_s=5, ssl_cert_reqs="none").ping()
     # The URL's own parameter still wins over the setting.
     with pytest.raises(redis_lib.ConnectionError):
-        worker_client(url + "?ssl_cert_reqs=required", timeout_s=5).ping()
+        worker_client(url + "?ssl_cert_reqs=required", timeout_s=5, ssl_cert_reqs="none").ping()
 
     # Celery's broker connection, configured exactly as the workers configure it.
     from celery import Celery

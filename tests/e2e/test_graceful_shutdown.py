@@ -23,6 +23,7 @@ import redis as redis_lib
 
 from common.config import Settings
 from common.keys import Keys
+from common.names import DELIVERY_QUEUE
 from devtools.procs import start_web, start_worker
 from service import create_app
 from tests.support import Proc, Stub, base_env, sample, wait_for
@@ -33,7 +34,7 @@ LATENCY_MS = 2000
 
 def drained(client: redis_lib.Redis) -> bool:
     """Nothing in the inbox, in Celery's queue, or held unacknowledged by a worker."""
-    return client.xlen(KEYS.inbox) == 0 and client.llen("firehose") == 0 and client.hlen("unacked") == 0
+    return client.xlen(KEYS.inbox) == 0 and client.llen(DELIVERY_QUEUE) == 0 and client.hlen("unacked") == 0
 
 
 def fresh_batch() -> dict[str, Any]:

@@ -1,27 +1,22 @@
-"""`flask firehose send`, through click's test runner, against a real gunicorn on loopback."""
+"""`flask firehose send`, through click's test runner, against a real gunicorn on loopback.
+(Usage errors and no relay listening: tests/unit/test_send_cli.py.)
+"""
 
 from __future__ import annotations
 
-import socket
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import redis as redis_lib
-from click.testing import Result
 from flask import Flask
 
-from common.config import Settings
 from common.keys import Keys
 from devtools.procs import start_web
-from service import create_app
 from tests.support import base_env, sample
-
-TOKEN = f"cli-{uuid.uuid4().hex}"
+from tests.support.send_cli import TOKEN, cli_app, event_file, send
 
 
 @pytest.fixture(scope="module")
@@ -38,21 +33,7 @@ def relay(redis_url: str, logs_dir: Path) -> Iterator[dict[str, Any]]:
 
 @pytest.fixture
 def app(redis_url: str) -> Flask:
-    # The CLI's own app: its FIREHOSE_AUTH_TOKEN is where the default token comes from.
-    return create_app(Settings(redis_url=redis_url, broker_url=redis_url, auth_tokens=(TOKEN, "older-token")))
-
-
-def send(app: Flask, *args: str) -> Result:
-    return app.test_cli_runner().invoke(args=["firehose", "send", *args])
-
-
-def event_file(folder: Path, name: str, **changes: Any) -> tuple[Path, dict[str, Any]]:
-    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
-    message["id"] = str(uuid.uuid4())
-    message.update(changes)
-    path = folder / name
-    path.write_bytes(orjson.dumps(message, option=orjson.OPT_INDENT_2))
-    return path, message
+    return cli_app(redis_url)
 
 
 def test_a_folder_is_sent_file_by_file_in_name_order(app: Flask, relay: dict[str, Any], tmp_path: Path) -> None:
@@ -104,29 +85,3 @@ def test_an_invalid_envelope_prints_its_code(app: Flask, relay: dict[str, Any], 
     result = send(app, str(path), "--url", relay["url"])
     assert result.exit_code == 1
     assert result.output == f"{path} 400 invalid_envelope\n"
-
-
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_no_relay_listening_is_a_failure_not_a_hang(app: Flask, tmp_path: Path) -> None:
-    path, _ = event_file(tmp_path, "batch.json")
-    started = time.monotonic()
-    result = send(app, str(path), "--url", f"http://127.0.0.1:{_closed_port()}/firehose", "--timeout", "2")
-    assert result.exit_code == 1
-    assert result.output == f"{path} - connection_error\n"
-    assert time.monotonic() - started < 10
-
-
-def test_a_folder_without_messages_is_a_usage_error(app: Flask, tmp_path: Path) -> None:
-    (tmp_path / "readme.txt").write_text("nothing to send")
-    result = send(app, str(tmp_path))
-    assert result.exit_code == 2
-    assert "no *.json files" in result.output
-
-
-def test_a_missing_file_is_a_usage_error(app: Flask, tmp_path: Path) -> None:
-    assert send(app, str(tmp_path / "absent.json")).exit_code == 2

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from devtools import samples
 from devtools.partner_stub.client import Stub
 from devtools.procs import Proc, free_port, wait_for
 
@@ -18,14 +19,18 @@ __all__ = [
     "Proc",
     "Stub",
     "base_env",
+    "every_sample",
+    "extra_corpus",
     "free_port",
     "redis_db",
     "sample",
+    "sample_id",
     "wait_for",
 ]
 
 ROOT = Path(__file__).resolve().parents[2]
-SAMPLES = Path(os.environ.get("FIREHOSE_SAMPLES_DIR", ROOT.parent / "shared" / "firehose-samples"))
+# The project's own sample messages (devtools/make_fixtures.py writes them): always there.
+SAMPLES = samples.FIXTURES
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 
@@ -37,11 +42,30 @@ FUZZ_DB = 6
 POLICY_DB = 12
 BATCHING_DB = 13
 AUDIENCES_DB = 15
-DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB)
+# The worker core's unit tests (tests/unit): in-process, each test under its own key prefix.
+WORKER_CORE_DB = 7
+DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB, WORKER_CORE_DB)
 
 
 def sample(version: str, name: str) -> bytes:
+    """One fixture message, byte for byte: sample("3.2.0", "EventProcessingRequest_ios.json")."""
     return (SAMPLES / version / name).read_bytes()
+
+
+def extra_corpus() -> Path | None:
+    """The SDK's sample corpus when this machine has one (FIREHOSE_SAMPLES_DIR, else
+    ../shared/firehose-samples), else None. Only ever extra cases: no test may need it."""
+    return samples.shared_corpus()
+
+
+def every_sample() -> list[Path]:
+    """Every fixture message file, then every file of the extra corpus when it is present."""
+    return samples.all_files()
+
+
+def sample_id(path: Path) -> str:
+    """A test id for a sample file: fixtures/<version>/<File>.json or shared/<version>/<File>.json."""
+    return samples.label(path)
 
 
 def redis_db(db: int) -> str:
@@ -65,6 +89,9 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
             "PUMP_CLAIM_IDLE_MS": "3000",
             "BROKER_VISIBILITY_TIMEOUT": "30",
             "BROKER_RESTORE_INTERVAL_SECONDS": "2",
+            # The production budget (60 ms) answers 503 to a Redis round trip a loaded test machine
+            # happens to stall; tests that want a 2xx would then fail on the machine, not the code.
+            "INGEST_REDIS_TIMEOUT_MS": "1000",
         }
     )
     env.update(extra)

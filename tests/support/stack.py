@@ -14,6 +14,7 @@ import redis as redis_lib
 import requests
 
 from common.keys import Keys
+from common.names import DELIVERY_QUEUE
 from devtools.procs import start_web, start_worker
 from tests.support import Proc, Stub, base_env, redis_db, sample, wait_for
 
@@ -76,7 +77,7 @@ class Stack:
             return (
                 r.xlen(KEYS.inbox) == 0
                 and r.zcard(KEYS.retry_schedule) == 0
-                and r.llen("firehose") == 0
+                and r.llen(DELIVERY_QUEUE) == 0
                 and r.hlen("unacked") == 0
             )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from urllib.parse import parse_qs, quote, urlsplit
 
 import pytest
@@ -92,6 +91,6 @@ def test_subdomains_only_when_configured(redis_url: str) -> None:
     eu = "https://pixels.eu1.mparticle.com/v1/sync?pid=%%partner_id%%"
     strict = create_app(settings).test_client()
     assert sync(strict, eu).status_code == 400
-    wide = create_app(dataclasses.replace(settings, cookie_sync_allowed_hosts=(".mparticle.com",))).test_client()
+    wide = create_app(settings.model_copy(update={"cookie_sync_allowed_hosts": (".mparticle.com",)})).test_client()
     assert sync(wide, eu).status_code == 302
     assert sync(wide, "https://mparticle.com.evil.example/").status_code == 400

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import threading
 import time
@@ -26,7 +25,7 @@ AUTH = {"Authorization": f"Token {TOKEN}"}
 
 def make_app(redis_url: str, **overrides: object) -> Flask:
     settings = Settings(redis_url=redis_url, broker_url=redis_url, auth_tokens=(TOKEN, "next-token"))
-    return create_app(dataclasses.replace(settings, **overrides))
+    return create_app(settings.model_copy(update=overrides))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from common.config import Settings
 from schemas.messages import REQUEST_TYPES, RESPONSES
 from service import create_app
 from service.openapi import build_spec
-from tests.support import sample
+from tests.support import SAMPLES, extra_corpus, sample
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 
@@ -116,20 +116,27 @@ def _validator(document: dict[str, Any], component: str) -> OAS30Validator:
     return OAS30Validator(schema)
 
 
+# The fixtures always, the shared SDK corpus's samples too when this machine has it.
+CORPORA = {"fixtures": SAMPLES, **({"shared": corpus} if (corpus := extra_corpus()) else {})}
+
+
+@pytest.mark.parametrize("corpus", list(CORPORA))
 @pytest.mark.parametrize(
     ("name", "component"),
     [
         ("ModuleRegistrationRequest.json", "ModuleRegistrationRequest"),
         ("EventProcessingRequest_ios.json", "EventProcessingRequest"),
+        ("EventProcessingRequest_android.json", "EventProcessingRequest"),
         ("AudienceSubscriptionRequest.json", "AudienceSubscriptionRequest"),
         ("AudienceMembershipChangeRequest.json", "AudienceMembershipChangeRequest"),
         ("DsrProcessingRequest.json", "DsrProcessingRequest"),
     ],
 )
-def test_the_shared_samples_match_their_documented_schema(document: dict[str, Any], name: str, component: str) -> None:
-    errors = [
-        error.message for error in _validator(document, component).iter_errors(orjson.loads(sample("3.2.0", name)))
-    ]
+def test_the_samples_match_their_documented_schema(
+    document: dict[str, Any], corpus: str, name: str, component: str
+) -> None:
+    message = orjson.loads((CORPORA[corpus] / "3.2.0" / name).read_bytes())
+    errors = [error.message for error in _validator(document, component).iter_errors(message)]
     assert errors == []
 
 

@@ -1,15 +1,15 @@
 """Unit tests for the worker-side full validation schemas (schemas/{fields,events,
 audiences,dsr}.py). Plain unit tests: no Redis, no Flask, no fixtures from conftest.
 
-Every request sample under shared/firehose-samples is parsed (all version folders
-plus the observed production payload), then targeted cases pin the leniency rules
-of protocol §11.4 and the int64 / settings-value quirks of §3 and §13.
+Every request fixture (tests/fixtures/messages: all version folders plus the
+real-world-shaped batch) is parsed, and every request of the SDK's shared sample
+corpus too when it is present; then targeted cases pin the leniency rules of
+protocol §11.4 and the int64 / settings-value quirks of §3 and §13.
 """
 
 from __future__ import annotations
 
 import copy
-import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,8 @@ from schemas.fields import (
     SettingValue,
     StrictInt,
 )
-
-SAMPLES_DIR = Path(
-    os.environ.get(
-        "FIREHOSE_SAMPLES_DIR",
-        Path(__file__).resolve().parents[2] / "shared" / "firehose-samples",
-    )
-)
+from tests.support import SAMPLES as FIXTURES
+from tests.support import every_sample, extra_corpus, sample_id
 
 PARSERS = {
     "event_processing_request": parse_event_batch,
@@ -44,22 +39,19 @@ PARSERS = {
 }
 
 
-def _request_samples() -> list[Path]:
-    """All request samples this module parses (registration requests are not ours,
-    schema/ holds JSON Schemas, responses go the other way)."""
-    if not SAMPLES_DIR.is_dir():
-        return []
-    return sorted(
-        path for path in SAMPLES_DIR.glob("*/*Request*.json") if not path.name.startswith("ModuleRegistration")
-    )
+def _is_parsed_request(path: Path) -> bool:
+    """A request this module parses (registration requests are not ours, responses go the
+    other way)."""
+    return "Request" in path.name and not path.name.startswith("ModuleRegistration")
 
 
-SAMPLES = _request_samples()
-needs_samples = pytest.mark.skipif(not SAMPLES, reason=f"samples not found in {SAMPLES_DIR}")
+# The fixtures always; the shared corpus as extra cases when this machine has it.
+SAMPLES = [path for path in every_sample() if _is_parsed_request(path)]
+CORPORA = [FIXTURES] + ([corpus] if (corpus := extra_corpus()) else [])
 
 
 def load(relative: str) -> dict[str, Any]:
-    return orjson.loads((SAMPLES_DIR / relative).read_bytes())
+    return orjson.loads((FIXTURES / relative).read_bytes())
 
 
 def new_id() -> str:
@@ -107,12 +99,12 @@ def membership(profiles: Any = None) -> dict[str, Any]:
 # --------------------------------------------------------------------- all samples
 
 
-@needs_samples
-def test_sample_inventory_is_complete() -> None:
+@pytest.mark.parametrize("corpus", CORPORA, ids=lambda corpus: "fixtures" if corpus == FIXTURES else "shared")
+def test_sample_inventory_is_complete(corpus: Path) -> None:
     # 3 hand-written + 16 ios + 16 android + 1 observed event batches,
     # 19 subscriptions, 19 membership changes, 8 DSR requests (§15.2).
     by_type: dict[str, int] = {}
-    for path in SAMPLES:
+    for path in sorted(p for p in corpus.glob("*/*.json") if _is_parsed_request(p)):
         msg_type = orjson.loads(path.read_bytes())["type"]
         by_type[msg_type] = by_type.get(msg_type, 0) + 1
     assert by_type == {
@@ -123,8 +115,7 @@ def test_sample_inventory_is_complete() -> None:
     }
 
 
-@needs_samples
-@pytest.mark.parametrize("path", SAMPLES, ids=[str(p.relative_to(SAMPLES_DIR)) for p in SAMPLES])
+@pytest.mark.parametrize("path", SAMPLES, ids=[sample_id(p) for p in SAMPLES])
 def test_every_request_sample_parses_cleanly(path: Path) -> None:
     message = orjson.loads(path.read_bytes())
     result = PARSERS[message["type"]](message)
@@ -162,45 +153,46 @@ def test_every_request_sample_parses_cleanly(path: Path) -> None:
         assert result.warnings == []
 
 
-@needs_samples
 def test_ios_320_sample() -> None:
     result = parse_event_batch(load("3.2.0/EventProcessingRequest_ios.json"))
     assert [e["id"] for e in result.events] == [
-        "9daa09f0-0c61-4b46-a16a-272c8cdd47e8",
-        "e91037c0-c693-49a7-a4f8-5683218ac810",
+        "81726b30-4ed0-49fb-a35b-41f68de15936",
+        "a654b53c-3de2-4e4a-a695-33f3c74e2ad9",
     ]
     assert [e["type"] for e in result.events] == ["custom_event", "product_action"]
+    assert all(e["session_id"] == -4006129215533649512 for e in result.events)  # int64 beyond 2**53
     assert result.skipped == []
-    assert result.mpid == "12345"
-    assert result.message_id == "66062a39-ea83-450e-9d5e-92829b6e565d"
-    assert result.account_id == 123456
-    assert result.account_settings["Example Boolean Setting"] == "false"
-    assert result.timestamp_ms == 1714592744066
+    assert result.mpid == "-3630682857533423799"
+    assert result.message_id == "89c09d55-c444-4e28-a1f0-40319ce574d4"
+    assert result.account_id == 40018
+    assert result.account_settings["sendRawIdentities"] == "false"
+    assert result.timestamp_ms == 1714564800420
     assert result.source_channel == "native"
     assert result.firehose_version == "3.2.0"
-    assert len(result.user_identities) == 5
-    assert result.partner_identities == [{"type": "a_partner_id", "encoding": "raw", "value": "partnerId"}]
+    assert len(result.user_identities) == 6
+    assert result.partner_identities == [{"type": "fixture_partner_id", "encoding": "raw", "value": "pid-9b3be01f90"}]
     assert [i["type"] for i in result.device_identities] == [
         "ios_advertising_id",
         "ios_vendor_id",
     ]
     assert result.runtime_environment["type"] == "ios"
     assert result.runtime_environment["apple_search_ads_attribution"]  # kept as sent
-    assert result.user_attributes["$City"] == "Boca Raton"
+    assert result.user_attributes["$City"] == "Exampleville"
+    assert result.user_attribute_lists == {"interests": ["hiking", "chess"]}
+    assert result.platform_fields["dataplan_version"] == 3
     assert len(result.system_notifications) == 2
     assert result.consent_state is not None
 
 
-@needs_samples
 def test_observed_production_payload() -> None:
     result = parse_event_batch(load("observed/EventProcessingRequest_iterable_production_2.2.0.json"))
     assert len(result.events) == 5
     assert result.skipped == []
-    assert result.mpid == "-5227515829034156637"  # negative int64, kept as a string
-    assert result.account_id == 42750
+    assert result.mpid == "-8588368046886725739"  # negative int64, kept as a string
+    assert result.account_id == 42001
     assert result.account_settings["coerceStringsToScalars"] == "True"
     assert result.account_settings["gcmIntegrationName"] is None
-    assert result.user_attributes == {"loves_pizza": "True", "$Mobile": "16503926752"}
+    assert result.user_attributes == {"loves_pizza": "True", "$Mobile": "+1-202-555-0109"}
     assert result.user_attribute_lists == {}
     assert result.runtime_environment == {
         "type": "unknown",
@@ -215,18 +207,17 @@ def test_observed_production_payload() -> None:
     assert all(e["session_id"] == 0 for e in result.events)
 
 
-@needs_samples
 def test_1x_event_sample_keeps_int64_session_ids() -> None:
     message = load("1.x-unversioned/EventProcessingRequest.json")
     result = parse_event_batch(message)
-    assert len(result.events) == 10
+    assert len(result.events) == 17
     assert result.firehose_version is None
-    assert result.events[0]["session_id"] == -1096377938905861812
-    assert result.events[8]["session_id"] == -310836276167998215
-    assert {e["type"] for e in result.events} <= EVENT_TYPES
+    assert result.events[0]["session_id"] == -2418451766354306214
+    assert result.events[15]["session_id"] == -6576809002573660506
+    # The hand-written batch holds one of every event type the schemas know.
+    assert {e["type"] for e in result.events} == EVENT_TYPES
 
 
-@needs_samples
 def test_1x_membership_sample_normalised_to_actions() -> None:
     result = parse_membership_change(load("1.x-unversioned/AudienceMembershipChangeRequest.json"))
     assert not result.verification
@@ -244,42 +235,40 @@ def test_1x_membership_sample_normalised_to_actions() -> None:
         (456, "delete"),
         (789, "delete"),
     ]
-    assert first.audiences[0].settings == {"Example Audience-specific setting": "Example value"}
+    assert first.audiences[0].settings == {"listId": "fixture-list-456"}
     assert first.mpid is None
 
 
-@needs_samples
 def test_320_membership_sample() -> None:
     result = parse_membership_change(load("3.2.0/AudienceMembershipChangeRequest.json"))
     (profile,) = result.profiles
-    assert profile.mpid == "12345"
-    assert profile.partner_identities == [{"type": "partner_id", "encoding": "raw", "value": "partnerId"}]
+    assert profile.mpid == "2368185964418093797"
+    assert profile.partner_identities == [{"type": "fixture_partner_id", "encoding": "raw", "value": "pid-1bd63bd2ab"}]
     assert [(a.audience_id, a.action) for a in profile.audiences] == [
         (456, "add"),
         (789, "attribute_update"),
         (654, "delete"),
     ]
-    # The spurious `{}` entry of the SDK sample is dropped silently (§14.10).
+    # The spurious `{}` entry (as in the SDK's sample) is dropped silently (§14.10).
     assert profile.audiences[1].user_attributes == [
-        {"key": "Some Key", "value": "9999999", "list_value": None, "action": "upsert"},
-        {"key": "Churned", "value": None, "list_value": None, "action": "delete"},
+        {"key": "lifetime_value", "value": "9999999", "list_value": None, "action": "upsert"},
+        {"key": "churned", "value": None, "list_value": None, "action": "delete"},
     ]
     assert result.skipped == []
 
 
-@needs_samples
 def test_dsr_sample() -> None:
     result = parse_dsr(load("3.2.0/DsrProcessingRequest.json"))
-    assert result.request_id == "1e2c8cf4-f985-4398-b482-a520860d3bf6"
+    assert result.request_id == "ced335c4-50db-4140-bdd2-94f8954181b9"
     assert result.request_type == "erasure"
-    assert result.submitted_time_ms == 1714592744067  # from 1714592744.067235000 s
+    assert result.submitted_time_ms == 1714564800667  # from 1714564800.667235 s
     assert result.identities == [
         {
             "type": "android_advertising_id",
             "encoding": "raw",
-            "value": "84aae47d-d376-4a35-bde5-c0ee5a808bd3",
+            "value": "395ea2f5-d2bc-4d0d-88f0-8d60b69a7e4f",
         },
-        {"type": "email", "encoding": "raw", "value": "jane.doe@example.com"},
+        {"type": "email", "encoding": "raw", "value": "fixture.user0005@example.com"},
     ]
     assert (result.regulation, result.api_version) == ("gdpr", "3.0")
     assert result.account_id is None

@@ -15,11 +15,11 @@ from common.redaction import REDACTED, redact_message
 from common.redis_conn import tls_options
 from service.auth import token_is_valid
 from tests.support import sample
+from workers.delivery import backoff_seconds, classify
 from workers.mapping import PermanentFailure, plan_message
-from workers.partner.base import AUDIENCE_DELETE, AUDIENCE_UPSERT, EVENTS, MEMBERS, Operation, classify
+from workers.partner.base import Operation, OperationKind
 from workers.partner.reference import parse_retry_after
 from workers.runtime import Runtime
-from workers.tasks import backoff_seconds
 
 
 @pytest.mark.parametrize(
@@ -100,36 +100,34 @@ def test_retry_after_forms() -> None:
 
 class _Rt:
     def __init__(self, **changes: object) -> None:
-        import dataclasses
-
-        self.settings = dataclasses.replace(Settings(), **changes)
+        self.settings = Settings(**changes)
 
 
 def test_backoff_is_bounded_and_honours_retry_after() -> None:
     rt: Runtime = _Rt(retry_backoff_base=1.0, retry_backoff_max=30.0, broker_visibility_timeout=3600)  # type: ignore[assignment]
     for attempt in range(1, 12):
         for _ in range(50):
-            delay = backoff_seconds(attempt, rt)
+            delay = backoff_seconds(attempt, rt.settings)
             assert 0 <= delay <= min(30.0, 2 ** (attempt - 1))
-    assert backoff_seconds(1, rt, retry_after=7) >= 7
+    assert backoff_seconds(1, rt.settings, retry_after=7) >= 7
     # A hostile Retry-After is capped by RETRY_AFTER_MAX_SECONDS.
-    assert backoff_seconds(1, rt, retry_after=10**9) == rt.settings.retry_after_max_seconds
+    assert backoff_seconds(1, rt.settings, retry_after=10**9) == rt.settings.retry_after_max_seconds
 
 
 def test_redaction_hides_every_setting_value() -> None:
     message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
     redacted = redact_message(message)
     assert set(redacted["account"]["account_settings"].values()) == {REDACTED}
-    assert "sample API Key" not in orjson.dumps(redacted).decode()
+    assert "fixture-api-key-3.2.0" not in orjson.dumps(redacted).decode()
     assert redacted["events"] == message["events"]
     nested = redact_message({"user_profiles": [{"audiences": [{"audience_subscription_settings": {"k": "v"}}]}]})
     assert nested["user_profiles"][0]["audiences"][0]["audience_subscription_settings"] == {"k": REDACTED}
 
 
 def test_idempotency_key_is_stable_and_specific() -> None:
-    op = Operation(EVENTS, {"b": 1, "a": [1, 2]}, "key", message_id="m1")
-    same = Operation(EVENTS, {"a": [1, 2], "b": 1}, "other-key", message_id="m1")
-    other_message = Operation(EVENTS, {"a": [1, 2], "b": 1}, "key", message_id="m2")
+    op = Operation(OperationKind.EVENTS, {"b": 1, "a": [1, 2]}, "key", message_id="m1")
+    same = Operation(OperationKind.EVENTS, {"a": [1, 2], "b": 1}, "other-key", message_id="m1")
+    other_message = Operation(OperationKind.EVENTS, {"a": [1, 2], "b": 1}, "key", message_id="m2")
     assert op.idempotency_key() == same.idempotency_key()
     assert op.idempotency_key() != other_message.idempotency_key()
     assert "key" not in repr(op)
@@ -139,13 +137,13 @@ def test_event_plan_keeps_ids_and_leaves_settings_out() -> None:
     message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
     plan = plan_message(message)
     [op] = plan.operations
-    assert op.kind == EVENTS and op.api_key == "sample API Key"
+    assert op.kind == OperationKind.EVENTS and op.api_key == "fixture-api-key-3.2.0"
     [batch] = op.payload["batches"]
     assert [e["id"] for e in batch["events"]] == [e["id"] for e in message["events"]]
     assert batch["user"]["mpid"] == message["mpid"]
     assert batch["device"]["type"] == "ios" and "identities" not in batch["device"]
     assert batch["user"]["device_identities"] == message["runtime_environment"]["identities"]
-    assert "sample API Key" not in orjson.dumps(op.payload).decode()
+    assert "fixture-api-key-3.2.0" not in orjson.dumps(op.payload).decode()
 
 
 def test_event_plan_skips_bad_events_and_counts_them() -> None:
@@ -174,21 +172,21 @@ def test_missing_api_key_is_permanent() -> None:
 def test_subscription_plans() -> None:
     message = orjson.loads(sample("3.2.0", "AudienceSubscriptionRequest.json"))
     [op] = plan_message(message).operations
-    assert (op.kind, op.audience_id) == (AUDIENCE_UPSERT, 1234)
-    assert op.payload["name"] == "New Users Low Engagement"
+    assert (op.kind, op.audience_id) == (OperationKind.AUDIENCE_UPSERT, 1234)
+    assert op.payload["name"] == "Fixture Low Engagement"
     message["action"] = "remove"
     [op] = plan_message(message).operations
-    assert (op.kind, op.audience_id) == (AUDIENCE_DELETE, 1234)
+    assert (op.kind, op.audience_id) == (OperationKind.AUDIENCE_DELETE, 1234)
 
 
 def test_membership_plan_groups_changes_by_audience() -> None:
     message = orjson.loads(sample("3.2.0", "AudienceMembershipChangeRequest.json"))
     message["account"]["account_settings"]["apiKey"] = "k"
     ops = plan_message(message).operations
-    assert [(op.kind, op.audience_id) for op in ops] == [(MEMBERS, 456), (MEMBERS, 654), (MEMBERS, 789)]
+    assert [(op.kind, op.audience_id) for op in ops] == [(OperationKind.MEMBERS, a) for a in (456, 654, 789)]
     actions = {op.audience_id: [c["action"] for c in op.payload["changes"]] for op in ops}
     assert actions == {456: ["add"], 654: ["delete"], 789: ["update_attributes"]}
-    assert ops[0].payload["changes"][0]["user"]["mpid"] == "12345"
+    assert ops[0].payload["changes"][0]["user"]["mpid"] == "2368185964418093797"
     assert ops[0].payload["changes"][0]["timestamp_ms"] == message["timestamp_ms"]
 
 

@@ -3,31 +3,45 @@
 The mapping turns each Firehose message into Operations (see workers/mapping.py) whose
 payloads follow the reference contract in docs/partner-api.md. A client for another
 partner API implements `send` and translates each operation kind to its own calls.
+What a partner's answer means for the message (ok, retry, dead) is decided in
+workers/delivery.py, not here.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Protocol
 
 import orjson
 
 from common.keys import partner_key
 
-# Operation kinds, stable: they go into idempotency keys.
-EVENTS = "events"
-AUDIENCE_UPSERT = "audience_upsert"
-AUDIENCE_DELETE = "audience_delete"
-MEMBERS = "members"
-ERASE = "erase"
+
+class OperationKind(StrEnum):
+    """What a partner call does. The values are stable: they go into idempotency keys."""
+
+    EVENTS = "events"
+    AUDIENCE_UPSERT = "audience_upsert"
+    AUDIENCE_DELETE = "audience_delete"
+    MEMBERS = "members"
+    ERASE = "erase"
+
+    @property
+    def is_audience(self) -> bool:
+        """Audience calls are the ones mParticle can suspend a subscription for (401/403)."""
+        return self in _AUDIENCE_KINDS
+
+
+_AUDIENCE_KINDS = frozenset({OperationKind.AUDIENCE_UPSERT, OperationKind.AUDIENCE_DELETE, OperationKind.MEMBERS})
 
 
 @dataclass(frozen=True)
 class Operation:
     """One partner call's worth of work."""
 
-    kind: str
+    kind: OperationKind
     payload: dict[str, Any]
     api_key: str = field(repr=False)
     audience_id: int | None = None
@@ -38,7 +52,8 @@ class Operation:
     def idempotency_key(self) -> str:
         """The same for the same work, on every attempt and every replay."""
         digest = hashlib.sha256()
-        digest.update(f"{self.kind}\n{self.audience_id}\n{self.message_id}\n".encode())
+        # !s: the plain value of the kind, so the keys of queued and replayed work stay the same.
+        digest.update(f"{self.kind!s}\n{self.audience_id}\n{self.message_id}\n".encode())
         digest.update(orjson.dumps(self.payload, option=orjson.OPT_SORT_KEYS))
         return digest.hexdigest()
 
@@ -54,25 +69,6 @@ class PartnerResult:
     status: int | None
     retry_after: float | None = None
     error: str | None = None
-
-    @property
-    def outcome(self) -> str:
-        return classify(self.status)
-
-
-# mParticle's own list of retryable statuses, which is also the usual webhook practice.
-TRANSIENT_STATUSES = frozenset({408, 429})
-
-
-def classify(status: int | None) -> str:
-    """'ok', 'transient' (retry later) or 'permanent' (dead letter now)."""
-    if status is None:
-        return "transient"
-    if 200 <= status < 300:
-        return "ok"
-    if status in TRANSIENT_STATUSES or 500 <= status < 600:
-        return "transient"
-    return "permanent"
 
 
 class PartnerClient(Protocol):

@@ -9,22 +9,15 @@ import orjson
 import requests
 from requests.adapters import HTTPAdapter
 
-from workers.partner.base import (
-    AUDIENCE_DELETE,
-    AUDIENCE_UPSERT,
-    ERASE,
-    EVENTS,
-    MEMBERS,
-    Operation,
-    PartnerResult,
-)
+from common.config import Settings
+from workers.partner.base import Operation, OperationKind, PartnerResult
 
-ROUTES: dict[str, tuple[str, str]] = {
-    EVENTS: ("POST", "/v1/events"),
-    AUDIENCE_UPSERT: ("PUT", "/v1/audiences/{audience_id}"),
-    AUDIENCE_DELETE: ("DELETE", "/v1/audiences/{audience_id}"),
-    MEMBERS: ("POST", "/v1/audiences/{audience_id}/members"),
-    ERASE: ("DELETE", "/v1/users"),
+ROUTES: dict[OperationKind, tuple[str, str]] = {
+    OperationKind.EVENTS: ("POST", "/v1/events"),
+    OperationKind.AUDIENCE_UPSERT: ("PUT", "/v1/audiences/{audience_id}"),
+    OperationKind.AUDIENCE_DELETE: ("DELETE", "/v1/audiences/{audience_id}"),
+    OperationKind.MEMBERS: ("POST", "/v1/audiences/{audience_id}/members"),
+    OperationKind.ERASE: ("DELETE", "/v1/users"),
 }
 
 
@@ -56,6 +49,11 @@ class ReferencePartnerClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Content-Type": "application/json", "User-Agent": "firehose-relay"})
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ReferencePartnerClient:
+        """How workers/runtime.py builds the client PARTNER_CLIENT names."""
+        return cls(settings.partner_api_url, settings.partner_timeout_seconds)
 
     def send(self, operation: Operation, idempotency_key: str) -> PartnerResult:
         method, path = ROUTES[operation.kind]

@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
+from common import dead_letters
 from common.config import Settings
 from common.keys import Keys
 from devtools.faults import (
@@ -50,9 +51,8 @@ from devtools.faults import (
 )
 from schemas.messages import REGISTRATION, RESPONSES
 from service import create_app
-from tests.support import FUZZ_DB, Stub, redis_db, wait_for
+from tests.support import FUZZ_DB, Stub, every_sample, redis_db, wait_for
 from tests.support.stack import Stack
-from workers import dead_letters
 
 KEYS = Keys("fr")
 # One seed for the run, printed with any failure: FUZZ_SEED=... reproduces it.
@@ -70,7 +70,8 @@ def _parsed(path: Path) -> Any:
         return None  # a sample that is not JSON itself: sent as it is, below
 
 
-_ALL_SAMPLES = sorted(p for p in SAMPLES.glob("*/*.json") if p.is_file())
+# The fixtures, plus the shared SDK corpus when this machine has it.
+_ALL_SAMPLES = every_sample()
 _PARSED = {p: doc for p in _ALL_SAMPLES if (doc := _parsed(p)) is not None}
 SAMPLE_FILES = sorted(_PARSED)
 UNPARSEABLE_SAMPLES = [p.read_bytes() for p in _ALL_SAMPLES if p not in _PARSED]
@@ -207,7 +208,7 @@ def _children(node: Any) -> list[Any]:
 
 @st.composite
 def mutated_messages(draw: st.DrawFn) -> Any:
-    """A shared sample (any version, any type) with a new id and 1-4 mutations."""
+    """A sample (fixture or shared; any version, any type) with a new id and 1-4 mutations."""
     doc = copy.deepcopy(_PARSED[draw(st.sampled_from(SAMPLE_FILES))])
     if isinstance(doc, dict):
         doc["id"] = str(draw(st.uuids()))

@@ -27,6 +27,12 @@ from tests.support.stack import FAULT_SETTINGS, Stack
 KINDS = list(KIND_SAMPLES)
 
 
+# What Redis was doing, as the test drives it. Each answer records the phase its request was sent in
+# and the phase it was answered in, so answers are judged by Redis's state, never by a clock window
+# that a loaded machine can stretch.
+BEFORE, DOWN, RESTARTING, AFTER = "before", "down", "restarting", "after"
+
+
 @dataclass
 class Answer:
     message: dict[str, Any]
@@ -35,6 +41,12 @@ class Answer:
     ended: float
     problem: str | None
     retry_after: str | None
+    sent_in: str
+    answered_in: str
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +62,9 @@ def restart_stack(
         **FAULT_SETTINGS,
         RETRY_BACKOFF_MAX="1",
         PARTNER_TIMEOUT_SECONDS="4",
+        # fsync on every write on a busy machine can take longer than the production 60 ms budget;
+        # with Redis up this test wants 2xx, and with it down a refused connection is immediate anyway.
+        INGEST_REDIS_TIMEOUT_MS="2000",
     )
     procs = [start_worker("faults-restart-worker", env, logs_dir)]
     try:
@@ -72,14 +87,17 @@ def test_redis_killed_and_restarted_under_traffic(
     server, stack = restart_stack
     fault_stub.faults([])
     answers: list[Answer] = []
+    phase = BEFORE
     stop = threading.Event()
     session = requests.Session()
     headers = {"Authorization": f"Token {fault_token}"}
 
     def send(message: dict[str, Any]) -> None:
-        started = time.monotonic()
+        sent_in, started = phase, time.monotonic()
         try:
-            response = session.post(f"{stack.url}/firehose", data=orjson.dumps(message), headers=headers, timeout=5)
+            # A client timeout far above any answer the web gives (a refused Redis connection is
+            # immediate): a request that still gets no answer is a hang, not a slow machine.
+            response = session.post(f"{stack.url}/firehose", data=orjson.dumps(message), headers=headers, timeout=20)
             status, problem = response.status_code, None
             if status >= 400 and status != 503:
                 problem = f"{status}: {response.text[:200]}"
@@ -88,47 +106,65 @@ def test_redis_killed_and_restarted_under_traffic(
             retry_after = response.headers.get("Retry-After")
         except requests.RequestException as exc:
             status, problem, retry_after = None, f"no answer: {type(exc).__name__}", None
-        answers.append(Answer(message, status, started, time.monotonic(), problem, retry_after))
+        answers.append(Answer(message, status, started, time.monotonic(), problem, retry_after, sent_in, phase))
 
     def traffic() -> None:
-        deadline = time.monotonic() + 30
-        for index in range(400):
-            if stop.is_set() or time.monotonic() > deadline:
+        # Steady traffic until told to stop; the cap only bounds a test that has gone wrong.
+        for index in range(3000):
+            if stop.is_set():
                 return
             api_key = new_secret("ak_restart")
             sent_secrets[f"apiKey restart #{index}"] = api_key
             send(fresh_message(KINDS[index % len(KINDS)], api_key))
             time.sleep(0.03)
 
+    def answered(sent_in: str, answered_in: str) -> list[Answer]:
+        return [a for a in list(answers) if a.sent_in == sent_in and a.answered_in == answered_in]
+
     thread = threading.Thread(target=traffic)
     thread.start()
-    time.sleep(2)
-    server.kill()
-    down_at = time.monotonic()
-    time.sleep(0.5)
-    ready_down = requests.get(f"{stack.url}/readyz", timeout=5).status_code
-    time.sleep(2.5)
-    up_at = time.monotonic()
-    server.start()
-    time.sleep(3)
-    stop.set()
-    thread.join(30)
+    try:
+        # Each wait below is for something that must happen; its deadline only bounds a broken run.
+        wait_for(lambda: len([a for a in answered(BEFORE, BEFORE) if a.ok]) >= 10, 60, 0.1, "2xx before the fault")
+        server.kill()  # returns once the process is gone: from here Redis is down
+        phase = DOWN
+        ready_down = requests.get(f"{stack.url}/readyz", timeout=20).status_code
+        # Redis stays down until the web has answered a good number of requests sent and answered
+        # entirely while it was down, however long that takes on this machine.
+        wait_for(lambda: len(answered(DOWN, DOWN)) >= 10, 90, 0.1, "10 answers while Redis is down")
+        phase = RESTARTING
+        server.start()  # returns once the new redis-server answers PING (the AOF replayed)
+        phase, back_at = AFTER, time.monotonic()
+        # Reconnecting by itself: the web answers 2xx again without being restarted...
+        recovered = wait_for(
+            lambda: next((a for a in answered(AFTER, AFTER) if a.ok), None), 60, 0.1, "2xx after the restart"
+        )
+        # ...and from then on, for every request, not just the first lucky one.
+        wait_for(
+            lambda: len([a for a in answers if a.started > recovered.ended]) >= 20,
+            90,
+            0.1,
+            "20 requests after the web recovered",
+        )
+    finally:
+        stop.set()
+        thread.join(60)
     ready_up = wait_for(
-        lambda: requests.get(f"{stack.url}/readyz", timeout=5).status_code == 200, 20, 0.2, "/readyz after restart"
+        lambda: requests.get(f"{stack.url}/readyz", timeout=20).status_code == 200, 60, 0.2, "/readyz after restart"
     )
 
     # mParticle sends again what was not answered 2xx, until it is (bounded).
     first_round = list(answers)
     for answer in first_round:
-        if answer.status is not None and 200 <= answer.status < 300:
+        if answer.ok:
             continue
         for _ in range(20):
             send(answer.message)
-            if answers[-1].status is not None and 200 <= answers[-1].status < 300:
+            if answers[-1].ok:
                 break
             time.sleep(0.2)
 
-    accepted_ids = {a.message["id"] for a in answers if a.status and 200 <= a.status < 300}
+    accepted_ids = {a.message["id"] for a in answers if a.ok}
     accepted = [m for m in {a.message["id"]: a.message for a in answers}.values() if m["id"] in accepted_ids]
     # Supervision, as compose's restart policy, ECS and Heroku give it: kombu 5.7 can end a worker
     # with "Unrecoverable error" while it reconnects to a restarted broker; a new one takes over.
@@ -144,15 +180,15 @@ def test_redis_killed_and_restarted_under_traffic(
         supervise()
         return ledger(fault_stub, accepted).delivered == len(accepted)
 
-    wait_for(all_delivered, 120, 0.5, "every 2xx delivered")
-    wait_for(stack.drained, 60, 0.3, "queues to drain")
+    wait_for(all_delivered, 180, 0.5, "every 2xx delivered")
+    wait_for(stack.drained, 90, 0.3, "queues to drain")
 
-    while_down = [a for a in first_round if a.started > down_at and a.ended < up_at]
-    after_up = [a for a in first_round if a.started > up_at + 1.0]
+    while_down = [a for a in first_round if a.sent_in == DOWN and a.answered_in == DOWN]
+    after_recovery = [a for a in first_round if a.started > recovered.ended]
     books = ledger(fault_stub, accepted)
     dead = stack.redis.zcard("fr:dlq:index")
     fault_results.record(
-        "Redis SIGKILL under traffic (append-only, fsync always), restarted after 3 s",
+        "Redis SIGKILL under traffic (append-only, fsync always), restarted after 10 answers while down",
         inputs=len(answers),
         status_5xx=sum(1 for a in answers if a.status and a.status >= 500),
         accepted=len(accepted),
@@ -164,15 +200,19 @@ def test_redis_killed_and_restarted_under_traffic(
             f"{len(first_round)} messages; answers while down: "
             f"{sorted({a.status for a in while_down})} x{len(while_down)}; /readyz down {ready_down}, "
             f"after {200 if ready_up else '?'}; {len(answers) - len(first_round)} mParticle retries; "
-            f"2xx after restart: {sum(1 for a in after_up if a.status and a.status < 300)}/{len(after_up)}; "
+            f"first 2xx {recovered.ended - back_at:.2f} s after Redis was back; 2xx after that: "
+            f"{sum(1 for a in after_recovery if a.ok)}/{len(after_recovery)}; "
             f"workers restarted by supervision: {len(restarts)}"
         ),
     )
     assert all(a.problem is None for a in answers), [a.problem for a in answers if a.problem][:5]
+    # Redis down for the whole request: never 2xx for what could not be stored.
     assert len(while_down) >= 10 and {a.status for a in while_down} == {503}
     assert all(a.retry_after == "1" for a in answers if a.status == 503)
     assert ready_down == 503
-    assert after_up and all(a.status and a.status < 300 for a in after_up), "the web did not reconnect by itself"
+    assert after_recovery and all(a.ok for a in after_recovery), (
+        f"the web did not stay reconnected: {[(a.status, a.problem) for a in after_recovery if not a.ok][:5]}"
+    )
     assert len(accepted) == len(first_round), "a message was never accepted, even after Redis came back"
     assert books.delivered == len(accepted), books.missing
     assert books.applied_twice == 0

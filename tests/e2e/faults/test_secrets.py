@@ -10,13 +10,13 @@ from pathlib import Path
 import orjson
 import requests
 
+from common import dead_letters
 from common.config import Settings
 from common.keys import Keys
 from devtools.faults import Results, fresh_message, leaks, new_secret, post, sha
 from service import create_app
 from tests.support import Stub, wait_for
 from tests.support.stack import Stack
-from workers import dead_letters
 
 KEYS = Keys("fr")
 

@@ -1,4 +1,8 @@
-"""`flask dlq ...`: inspect, replay and purge the dead letters."""
+"""`flask dlq ...`: inspect, replay and purge the dead letters.
+
+Needs only Redis, the key names and the dead-letter store (common/): a replayed letter goes
+back into the inbox stream, where the workers' pump takes it like new traffic.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,21 @@ import datetime as dt
 
 import click
 import orjson
+import redis
 from flask import current_app
 from flask.cli import AppGroup
 
+from common import dead_letters
 from common.config import Settings
 from common.keys import Keys
 from common.redis_conn import worker_client
-from workers import dead_letters
 
 dlq_cli = AppGroup("dlq", help="Inspect, replay and purge the dead letters.")
 
 
-def _redis_and_keys() -> tuple:
+def _redis_and_keys() -> tuple[redis.Redis, Keys]:
     settings: Settings = current_app.config["SETTINGS"]
-    return worker_client(settings.redis_url), Keys(settings.key_prefix)
+    return worker_client(settings.redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs), Keys(settings.key_prefix)
 
 
 def _when(ts: float) -> str:
