@@ -32,8 +32,8 @@ faults: $(STAMP)
 	$(PY) -m devtools.fault_table $$results; exit $$status
 
 ## The benchmark (under 10 minutes): relay against a bare Flask app side by side, end to end, memory;
-## writes bench/RESULTS.md. Needs wrk (installed with apt-get if missing) and the Redis at BENCH_REDIS
-## (default redis://127.0.0.1:6379; databases 8 and 9 are emptied).
+## writes bench/RESULTS.md. Needs wrk (installed with apt-get if missing) and redis-server: it starts a
+## private one for the run (BENCH_REDIS: use another; databases 8 and 9 are emptied).
 bench: $(STAMP)
 	$(PY) -m bench.perf
 

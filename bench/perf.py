@@ -3,8 +3,8 @@
     .venv/bin/python -m bench.perf            # the full run (under 10 minutes), writes bench/RESULTS.md
     .venv/bin/python -m bench.perf --smoke    # tiny numbers, a few seconds of load; writes nothing
 
-What it measures, everything on loopback (127.0.0.1), with Redis databases 8 and 9 of the server at
-BENCH_REDIS (default redis://127.0.0.1:6379; both are emptied):
+What it measures, everything on loopback (127.0.0.1), with Redis databases 8 and 9 of a private
+redis-server started for the run (or of the server at BENCH_REDIS, where both are emptied):
 
 * ingest: wrk (one thread, 16 connections) against the service's /firehose and against
   bench/bare_app.py under the same gunicorn.conf.py, alternating, for four bodies; every request
@@ -48,6 +48,7 @@ import requests
 from bench.fault_run import API_KEY, TOKEN, drained
 from common.keys import Keys
 from devtools.procs import BIN, ROOT, Proc, start_gunicorn, start_stub, start_worker, wait_for
+from devtools.redis_server import RedisServer
 from devtools.samples import FIXTURES
 from service.ingest import _ACCEPT
 
@@ -788,12 +789,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, help=f"where to write the table (default {RESULTS}; none for --smoke)")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--seconds", type=float)
-    parser.add_argument("--redis", default=os.environ.get("BENCH_REDIS", "redis://127.0.0.1:6379"))
+    parser.add_argument(
+        "--redis",
+        default=os.environ.get("BENCH_REDIS", ""),
+        help="a Redis to use instead (its databases are emptied); default: a private redis-server for the run",
+    )
     args = parser.parse_args(argv)
 
     cfg = Config(**SMOKE) if args.smoke else Config()
     cfg.smoke = args.smoke
-    cfg.redis_base = args.redis.rstrip("/")
     if args.rounds:
         cfg.rounds = max(1, min(args.rounds, 10))
     if args.seconds:
@@ -805,6 +809,15 @@ def main(argv: list[str] | None = None) -> int:
     ensure_wrk()
 
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
+    server = None
+    if args.redis:
+        cfg.redis_base = args.redis.rstrip("/")
+    else:
+        # Like the test suite: nothing needs to be running, and nobody's Redis gets emptied.
+        server = RedisServer(logs, logs, name="bench-redis")
+        server.start()
+        cfg.redis_base = server.base_url()
+        print(f"a private redis-server at {cfg.redis_base} (BENCH_REDIS: use another)", flush=True)
     env = bench_env(f"{cfg.redis_base}/{cfg.ingest_db}")
     started = time.monotonic()
     ok = False
@@ -820,6 +833,8 @@ def main(argv: list[str] | None = None) -> int:
         text = report(cfg, ingest_result, e2e, env, command)
         ok = True
     finally:
+        if server is not None:
+            server.stop()
         if ok:
             shutil.rmtree(logs, ignore_errors=True)
         else:
