@@ -50,7 +50,7 @@ class RelayLogger(Logger):
     The access line is built from chosen fields only: the path without its query string,
     and no request header but the user agent, so no token or Authorization value can reach it.
     For a Firehose request it is the request's one `firehose_request` line, with the fields the
-    app left in the environ (service/logging_setup.py); for anything else, `http_access`.
+    app left in the environ (service/request_log.py); for anything else, `http_access`.
     """
 
     def setup(self, cfg: object) -> None:
