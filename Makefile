@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast faults bench bench-smoke lint lint-deploy fmt clean
+.PHONY: install up test test-fast faults bench bench-smoke bench-isolation lint lint-deploy fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,11 @@ bench: $(STAMP)
 ## The same with tiny numbers (about 20 s): a check that the benchmark still runs; writes nothing.
 bench-smoke: $(STAMP)
 	$(PY) -m bench.perf --smoke
+
+## One customer never slows another (about 10 minutes): key B's lag while key A's partner endpoint fails,
+## hangs or is rate limited, and after a big membership change; writes bench/ISOLATION.md. `--quick`: a smoke check.
+bench-isolation: $(STAMP)
+	$(PY) -m bench.isolation
 
 lint: $(STAMP) lint-deploy
 	$(VENV)/bin/ruff check .

@@ -223,12 +223,29 @@ class Settings(BaseSettings):
         group=DELIVERY,
         ge=0,
     )
-    rate_limit_max_inline_wait_seconds: float = setting(
-        1.0,
-        "Rate-limit waits up to this long are slept in the worker; longer ones go to the retry "
-        "schedule, so no worker is parked for long.",
+    partner_max_in_flight_per_key: int = setting(
+        4,
+        "Partner calls to one API key in flight at once, across every worker: one customer's slow "
+        "endpoint holds at most this many worker slots; more calls wait in the retry schedule.",
         group=DELIVERY,
-        ge=0,
+        ge=1,
+    )
+    breaker_failure_threshold: int = setting(
+        5,
+        "Transient failures in a row (no answer, 408, 5xx; not 429) that open an API key's circuit "
+        "breaker: its calls then wait in the retry schedule, without spending attempts, until a "
+        "single probe call finds the endpoint answering again.",
+        group=DELIVERY,
+        ge=1,
+    )
+    breaker_cooldown_seconds: float = setting(
+        5.0,
+        "How long an opened breaker waits before its probe; doubles each time the probe fails.",
+        group=DELIVERY,
+        gt=0,
+    )
+    breaker_cooldown_max_seconds: float = setting(
+        300.0, "The longest cool-down of an open breaker, seconds.", group=DELIVERY, gt=0
     )
     broker_visibility_timeout: int = setting(
         900,
@@ -266,9 +283,31 @@ class Settings(BaseSettings):
     pump_claim_idle_ms: int = setting(
         30000, "Entries a dead worker had read are taken over after this long, milliseconds.", group=PUMP, gt=0
     )
+    pump_max_queued: int = setting(
+        64,
+        "The pump publishes while Celery's queue holds fewer tasks than this: the backlog waits in the "
+        "per-API-key lanes, which take fair turns, not in Celery's one FIFO queue.",
+        group=PUMP,
+        ge=1,
+    )
 
     # --- Processes --------------------------------------------------------------------------
     web_concurrency: int = setting(2, "gunicorn worker processes.", group=PROCESSES, ge=1)
+    # Celery reads these through celery_config (workers/celery_app.py), so the worker command
+    # lines (Procfile, compose, ECS, Procfile.dev) carry no pool flags of their own.
+    worker_pool: Literal["threads", "prefork", "solo"] = setting(
+        "threads",
+        "Celery's pool in each worker: threads | prefork | solo. A delivery is mostly a wait on the "
+        "partner's answer, so threads run many at once in one process (no fork, one Redis pool); "
+        "a partner that hangs holds a thread, not a process.",
+        group=PROCESSES,
+    )
+    worker_concurrency: int = setting(
+        16,
+        "Deliveries each worker process runs at once (threads, or pool processes under prefork).",
+        group=PROCESSES,
+        ge=1,
+    )
     gunicorn_worker_class: str = setting(
         "gthread",
         "gunicorn's worker class. Threads, so that a few clients stalling mid-body (each read waits "
@@ -332,7 +371,7 @@ class Settings(BaseSettings):
             return items
         return value
 
-    @field_validator("redis_ssl_cert_reqs", "log_level", "log_format", mode="before")
+    @field_validator("redis_ssl_cert_reqs", "log_level", "log_format", "worker_pool", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.lower() if isinstance(value, str) else value

@@ -53,9 +53,11 @@ def add(
     last_status: int | None = None,
     error: str | None = None,
     attempts: int = 0,
+    letter_id: str | None = None,
 ) -> DeadLetter:
+    """`letter_id`: when the message id is not unique among letters (the units of one split message)."""
     letter = DeadLetter(
-        id=message_id or str(uuid.uuid4()),
+        id=letter_id or message_id or str(uuid.uuid4()),
         message_id=message_id,
         account_id=account_id,
         type=message_type,

@@ -11,6 +11,19 @@ def partner_key(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
+# Counts the backlog the pump has not yet handed to Celery: the inbox and every lane. Read-only,
+# one call, so a scrape or a test's "drained?" sees one consistent moment. Returns
+# {entries, lanes}. Lane keys are built here from the set (one Redis server, no cluster).
+BACKLOG_LUA = """
+local total = redis.call('XLEN', KEYS[1])
+local lanes = redis.call('SMEMBERS', KEYS[2])
+for _, lane in ipairs(lanes) do
+  total = total + redis.call('XLEN', ARGV[1] .. lane)
+end
+return {total, #lanes}
+"""
+
+
 @dataclass(frozen=True)
 class Keys:
     prefix: str
@@ -19,6 +32,24 @@ class Keys:
     def inbox(self) -> str:
         """Stream of accepted messages not yet handed to a delivery task."""
         return f"{self.prefix}:inbox"
+
+    @property
+    def lanes(self) -> str:
+        """Set of lane names that may hold entries: the pump's round visits each."""
+        return f"{self.prefix}:lanes"
+
+    @property
+    def lane_prefix(self) -> str:
+        return f"{self.prefix}:lane:"
+
+    def lane_slots(self, name: str) -> str:
+        """Sorted set of one lane's published tasks not yet finished (task id -> expiry ms): the
+        pump publishes for a lane only while it holds fewer than PARTNER_MAX_IN_FLIGHT_PER_KEY."""
+        return f"{self.prefix}:laneslots:{name}"
+
+    def lane(self, name: str) -> str:
+        """Stream of one lane (an API key's hash, or an entry's own `lane`): sorted, not yet published."""
+        return f"{self.lane_prefix}{name}"
 
     @property
     def retry_schedule(self) -> str:
@@ -32,6 +63,23 @@ class Keys:
     def pause(self, partner_key: str) -> str:
         """Until when (ms) one partner API key is paused after a 429 with Retry-After."""
         return f"{self.prefix}:pause:{partner_key}"
+
+    def claim(self, idempotency_key: str) -> str:
+        """Held (a token, TTL the partner timeout + a margin) while one copy of this work calls the partner."""
+        return f"{self.prefix}:claim:{idempotency_key}"
+
+    def inflight(self, partner_key: str) -> str:
+        """Sorted set: the leases of the calls to one API key in flight, token -> expiry (ms)."""
+        return f"{self.prefix}:inflight:{partner_key}"
+
+    def breaker(self, partner_key: str) -> str:
+        """Hash: the circuit breaker of one API key (state, failures, level, until, probe)."""
+        return f"{self.prefix}:breaker:{partner_key}"
+
+    @property
+    def breakers_open(self) -> str:
+        """Sorted set: hashes of the API keys whose breaker is not closed, by due time (ms)."""
+        return f"{self.prefix}:breakers:open"
 
     def audience_lock(self, scope: str) -> str:
         """Held while one member call for an (API key, audience) is in flight."""
@@ -52,6 +100,10 @@ class Keys:
     def delivered(self, idempotency_key: str) -> str:
         """Marks a partner payload the partner already answered 2xx."""
         return f"{self.prefix}:delivered:{idempotency_key}"
+
+    def split(self, message_id: str) -> str:
+        """Marks a message as split into units (workers/units.py), so a re-run writes none again."""
+        return f"{self.prefix}:split:{message_id}"
 
     @property
     def dead_letters(self) -> str:

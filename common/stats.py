@@ -14,6 +14,11 @@ RETRIED = "retried"  # attempts that failed transiently and were scheduled again
 DEAD_LETTERED = "dead_lettered"  # messages moved to the dead letters
 RATE_LIMITED = "rate_limited_waits"  # partner calls that waited for the rate limit or a Retry-After pause
 PARTNER_CALLS = "partner_calls"  # partner calls made, whatever the answer
+BREAKER_OPENED = "breaker_opened"  # times an API key's circuit breaker opened (or reopened)
+
+# An open breaker no call has come for in this long is forgotten (its key expires, and it leaves
+# the set of open breakers): a customer who stopped sending is not counted open for ever.
+BREAKER_FORGET_MS = 3_600_000
 
 # Upper bounds (seconds) of the partner-latency histogram buckets, Prometheus style.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

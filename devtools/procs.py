@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -76,7 +77,16 @@ class Proc:
         self._log.close()
 
 
-def start_worker(name: str, env: dict[str, str], logs_dir: Path, concurrency: int = 2) -> Proc:
+def start_worker(
+    name: str, env: dict[str, str], logs_dir: Path, concurrency: int | None = None, pool: str | None = None
+) -> Proc:
+    """A Celery worker as the Procfile's line starts it: the pool and its size come from the
+    settings (WORKER_POOL, WORKER_CONCURRENCY in `env`) unless `pool`/`concurrency` are given."""
+    flags: list[str] = []
+    if pool is not None:
+        flags += ["--pool", pool]
+    if concurrency is not None:
+        flags += ["--concurrency", str(concurrency)]
     proc = Proc(
         name,
         [
@@ -86,10 +96,7 @@ def start_worker(name: str, env: dict[str, str], logs_dir: Path, concurrency: in
             "worker",
             "--loglevel",
             "INFO",
-            "--pool",
-            "prefork",
-            "--concurrency",
-            str(concurrency),
+            *flags,
             "--hostname",
             f"{name}-{uuid.uuid4().hex[:6]}@%h",
             "--without-mingle",
@@ -137,3 +144,21 @@ def start_stub(env: dict[str, str], logs_dir: Path, name: str = "partner-stub") 
     )
     proc.wait_output("partner stub listening", timeout=20)
     return proc, Stub(f"http://127.0.0.1:{port}")
+
+
+def procfile_argv(role: str, procfile: Path = ROOT / "Procfile") -> list[str]:
+    """The Procfile's command line for `role`, its executable taken from this venv."""
+    for raw in procfile.read_text().splitlines():
+        name, _, command = raw.partition(":")
+        if name.strip() == role and not raw.lstrip().startswith("#"):
+            argv = shlex.split(command)
+            local = BIN / argv[0]
+            return [str(local) if local.exists() else argv[0], *argv[1:]]
+    raise KeyError(f"no {role!r} line in {procfile}")
+
+
+def start_procfile_worker(name: str, env: dict[str, str], logs_dir: Path) -> Proc:
+    """A worker from the Procfile's own line, verbatim: no --hostname, so two started on one host
+    share Celery's default node name, as two copies of one deploy would. Not waited for: call
+    `wait_output("ready.")`, so that several can be started at the same moment."""
+    return Proc(name, procfile_argv("worker"), env, logs_dir)

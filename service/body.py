@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Request
+from werkzeug.exceptions import ClientDisconnected
 
 from service.errors import ApiError
 
@@ -28,10 +29,19 @@ def read_body(request: Request, timeout_seconds: float, max_bytes: int | None = 
         sock.settimeout(timeout_seconds)
     try:
         return request.get_data(cache=False)
-    except TimeoutError:
-        raise ApiError(408, "request_timeout", "The request body did not arrive in time.") from None
+    except ClientDisconnected as exc:
+        # Under a size limit (always, from create_app) werkzeug's LimitedStream reports every
+        # read error as ClientDisconnected; the socket's own error is its context.
+        raise _read_error(exc.__context__) from None
     except (OSError, ParseException) as exc:
-        raise ApiError(400, "invalid_body", f"The request body could not be read ({type(exc).__name__}).") from None
+        raise _read_error(exc) from None
     finally:
         if sock is not None:
             sock.settimeout(previous)
+
+
+def _read_error(cause: BaseException | None) -> ApiError:
+    if isinstance(cause, TimeoutError):
+        return ApiError(408, "request_timeout", "The request body did not arrive in time.")
+    what = type(cause).__name__ if cause is not None else "the client went away"
+    return ApiError(400, "invalid_body", f"The request body could not be read ({what}).")

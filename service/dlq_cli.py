@@ -67,11 +67,11 @@ def show_command(letter_id: str) -> None:
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
 def replay_command(letter_ids: tuple[str, ...], replay_all: bool) -> None:
     """Send dead letters back through the inbox: same rate limit and idempotency as new traffic."""
+    if not letter_ids and not replay_all:
+        raise click.UsageError("name dead letter ids, or --all")
     client, keys = _redis_and_keys()
     if replay_all:
         letter_ids = tuple(letter.id for letter in dead_letters.list_letters(client, keys, limit=10**9))
-    if not letter_ids:
-        raise click.UsageError("name dead letter ids, or --all")
     missing = [i for i in letter_ids if not dead_letters.replay(client, keys, i)]
     click.echo(f"replayed {len(letter_ids) - len(missing)}")
     if missing:

@@ -30,7 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from common import stats
 from common.config import Settings
-from common.keys import Keys
+from common.keys import BACKLOG_LUA, Keys
 from common.names import DELIVERY_QUEUE
 from common.redis_conn import ingest_client
 from schemas.messages import REQUEST_TYPES, RESPONSE_TYPES
@@ -79,6 +79,10 @@ WORKER_COUNTERS = {
         "Partner calls that waited for the rate limit or a Retry-After pause.",
     ),
     stats.PARTNER_CALLS: ("firehose_partner_calls", "Partner calls made, whatever the answer."),
+    stats.BREAKER_OPENED: (
+        "firehose_partner_breaker_openings",
+        "Times an API key's circuit breaker opened (its endpoint kept failing) or reopened (its probe failed).",
+    ),
 }
 
 
@@ -155,12 +159,16 @@ class RedisCollector:
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("firehose_redis_up", "1 when the scrape could read Redis, else 0.")
         pipe = self.client.pipeline(transaction=False)
-        pipe.xlen(self.keys.inbox)
+        # The backlog not yet handed to Celery: the inbox and the pump's per-key lanes.
+        pipe.eval(BACKLOG_LUA, 2, self.keys.inbox, self.keys.lanes, self.keys.lane_prefix)
         pipe.zcard(self.keys.retry_schedule)
         pipe.zcard(self.keys.dead_letter_index)
         pipe.hgetall(self.keys.skipped_events)
         pipe.hgetall(self.keys.stats)
         pipe.hgetall(self.keys.partner_latency)
+        # Not a series per API key: how many are open. Forgotten breakers (no call came for them
+        # since) may linger in the set until the next opening prunes it; they are not counted.
+        pipe.zcount(self.keys.breakers_open, time.time_ns() // 1_000_000 - stats.BREAKER_FORGET_MS, "+inf")
         if self.broker is None:
             pipe.llen(CELERY_QUEUE)
             pipe.hlen(CELERY_UNACKED)
@@ -172,14 +180,15 @@ class RedisCollector:
             return
         up.add_metric([], 1)
         yield up
-        inbox, retry, dead, skipped, counters, latency, *celery = results
+        backlog, retry, dead, skipped, counters, latency, breakers, *celery = results
+        inbox, lanes = (int(n) for n in backlog)
         if self.broker is not None:
             celery = self._broker_depths(self.broker)
 
         depth = GaugeMetricFamily(
             "firehose_queue_depth",
-            "Messages waiting: inbox (accepted, not yet handed to Celery), celery (Celery's queue), "
-            "unacked (tasks workers hold), retry (the retry schedule).",
+            "Messages waiting: inbox (accepted, not yet handed to Celery: the inbox and the pump's lanes), "
+            "celery (Celery's queue), unacked (tasks workers hold), retry (the retry schedule).",
             labels=["queue"],
         )
         depth.add_metric(["inbox"], inbox)
@@ -188,8 +197,15 @@ class RedisCollector:
             depth.add_metric(["celery"], celery[0])
             depth.add_metric(["unacked"], celery[1])
         yield depth
+        # A count, never a series per API key.
+        yield GaugeMetricFamily("firehose_lanes", "Per-API-key lanes the pump takes turns across.", lanes)
 
         yield GaugeMetricFamily("firehose_dead_letters", "Dead letters waiting to be inspected or replayed.", dead)
+        yield GaugeMetricFamily(
+            "firehose_partner_breakers_open",
+            "Partner API keys whose circuit breaker is open or half-open (their calls wait in the retry schedule).",
+            breakers,
+        )
 
         skipped_family = CounterMetricFamily(
             "firehose_skipped_events", "Events left out of a delivered batch, by reason.", labels=["reason"]

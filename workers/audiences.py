@@ -10,22 +10,32 @@ before a `delete` could otherwise be acknowledged after it. Two rules prevent th
    keeps, per user, the `timestamp_ms` of the last acknowledged change.
 
 So the sequence the partner applies only ever moves each user forward in time, and ends in
-the state of the newest change mParticle sent.
+the state of the newest change mParticle sent. The audience's own changes (subscription add,
+update, remove) take the same lock and keep their own timestamp in the same hash, so a late
+`add` never undoes a newer `update`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from common.keys import Keys
 from workers.partner.base import Operation
+
+# Take the lock, or say how long its holder may keep it (ms): one round trip either way.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', tonumber(ARGV[2])) then
+  return {1, 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}
+"""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -46,6 +56,10 @@ redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
 return 1
 """
 
+# The applied hash's field for the audience itself (created, renamed, removed): users' fields are
+# "mpid:…" or "<identities>:…", never this.
+SUBSCRIPTION_FIELD = "subscription"
+
 # How long the applied timestamps are kept after the audience last changed: longer than any
 # message can be retried or replayed (mParticle's data age is 24 h; dead letters may wait longer).
 APPLIED_TTL_SECONDS = 30 * 86400
@@ -61,22 +75,27 @@ def user_key(user: dict[str, Any]) -> str:
     return "anonymous"
 
 
+@dataclass(frozen=True)
+class Lock:
+    """Whether this task holds the audience's lock; if not, `wait`: when to ask again (seconds)."""
+
+    held: bool
+    wait: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.held
+
+
 class AudienceGuard:
-    def __init__(
-        self,
-        client: redis.Redis,
-        keys: Keys,
-        lock_ttl_seconds: float,
-        busy_wait_seconds: float = 1.0,
-        poll_seconds: float = 0.05,
-    ) -> None:
+    # A busy audience is asked again after its lock's remaining TTL, but no later than this: the
+    # holder's call usually ends well within a second, and the TTL only bounds a dead holder.
+    busy_wait_max_seconds = 1.0
+
+    def __init__(self, client: redis.Redis, keys: Keys, lock_ttl_seconds: float) -> None:
         self.client = client
         self.keys = keys
         self.lock_ttl_ms = int(lock_ttl_seconds * 1000)
-        # Another task's member call to the same audience usually ends within a second; waiting
-        # longer would park a worker, so past this the delivery is deferred instead.
-        self.busy_wait_seconds = busy_wait_seconds
-        self.poll_seconds = poll_seconds
+        self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._record = client.register_script(_RECORD)
 
@@ -85,21 +104,20 @@ class AudienceGuard:
         return self.keys.audience_lock(scope), self.keys.audience_applied(scope)
 
     @contextmanager
-    def locked(self, operation: Operation) -> Iterator[bool]:
-        """Yields True while this task holds the audience's lock; False if another one held it
-        for the whole of `busy_wait_seconds`."""
+    def locked(self, operation: Operation) -> Iterator[Lock]:
+        """Yields a true Lock while this task holds the audience's lock; a false one, at once,
+        when another task holds it. Never waits: a waiting task would hold a worker slot."""
         lock, _ = self._names(operation)
         token = uuid.uuid4().hex
-        deadline = time.monotonic() + self.busy_wait_seconds
-        held = bool(self.client.set(lock, token, nx=True, px=self.lock_ttl_ms))
-        while not held and time.monotonic() < deadline:
-            time.sleep(self.poll_seconds)
-            held = bool(self.client.set(lock, token, nx=True, px=self.lock_ttl_ms))
+        taken, pttl = (int(x) for x in self._acquire(keys=[lock], args=[token, self.lock_ttl_ms]))
+        if not taken:
+            # A PTTL below 10 ms (or -2: released in between): ask again soon, not at once.
+            yield Lock(False, min(max(pttl, 10) / 1000.0, self.busy_wait_max_seconds))
+            return
         try:
-            yield held
+            yield Lock(True)
         finally:
-            if held:
-                self._release(keys=[lock], args=[token])
+            self._release(keys=[lock], args=[token])
 
     def fresh_changes(self, operation: Operation) -> Operation | None:
         """The operation without the changes the partner already has something newer for."""
@@ -129,3 +147,18 @@ class AudienceGuard:
         for change in operation.payload["changes"]:
             args += [user_key(change["user"]), change["timestamp_ms"]]
         self._record(keys=[applied], args=args)
+
+    def subscription_is_stale(self, operation: Operation) -> bool:
+        """True when the partner already acknowledged a newer change of this audience itself:
+        a late `add` must not undo an `update`, nor recreate what a `remove` deleted."""
+        if operation.timestamp_ms is None:
+            return False
+        _, applied = self._names(operation)
+        seen = self.client.hget(applied, SUBSCRIPTION_FIELD)
+        return seen is not None and operation.timestamp_ms < int(seen)
+
+    def record_subscription(self, operation: Operation) -> None:
+        """The partner acknowledged this change of the audience: the newest it has."""
+        if operation.timestamp_ms is not None:
+            _, applied = self._names(operation)
+            self._record(keys=[applied], args=[APPLIED_TTL_SECONDS, SUBSCRIPTION_FIELD, operation.timestamp_ms])

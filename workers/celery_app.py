@@ -29,8 +29,17 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # A delivery is acknowledged only when it finished, and a worker that dies mid-call
         # gives its message back, so nothing accepted is lost to a crash or a deploy.
         "task_acks_late": True,
+        # Under WORKER_POOL=prefork a killed pool process gives its task back at once. Under
+        # threads there is no pool process to lose: a dead worker is one process, and its
+        # unacknowledged tasks come back after BROKER_VISIBILITY_TIMEOUT (acks_late).
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A delivery is mostly a wait on the partner: threads run WORKER_CONCURRENCY of them at
+        # once in one process, so one partner that hangs holds a few threads, not the worker.
+        # Read from Settings here (the CLI's --pool/--concurrency fall back to these), so no
+        # command line in the Procfile, compose, ECS or Procfile.dev needs pool flags.
+        "worker_pool": settings.worker_pool,
+        "worker_concurrency": settings.worker_concurrency,
         "task_ignore_result": True,
         "task_default_queue": DELIVERY_QUEUE,
         "task_serializer": "json",

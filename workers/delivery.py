@@ -8,9 +8,12 @@ group of one; both go the same way:
           as it is is rejected with its reason; operations already marked delivered are dropped.
           The event batches left become one call per API key; every other operation is a call
           of its own.
-  gate    per call: the partner gate (rate limit, 429 pause), and for member changes the audience
-          lock and the drop of changes the partner already has something newer for.
-  send    the partner client; its answer is a Verdict; 2xx marks the members' work delivered.
+  gate    per call: the API key's partner gate (workers/gate.py: already delivered, claimed by a
+          twin, breaker, 429 pause, in-flight cap, rate limit), and for member changes first the
+          audience lock and the drop of changes the partner already has something newer for.
+          Nothing waits here: a gate that says "not yet" is a Hold, and the work is deferred.
+  send    the partner client; its answer is a Verdict; leaving the gate with it marks the work
+          delivered on 2xx, pauses the key on 429 and tells the breaker.
   decide  `decide()`, a plain function of the attempt's Outcome: delivered, retry (next attempt,
           after a backoff), defer (same attempt, after the gate's wait) or dead (with a reason).
 
@@ -32,14 +35,18 @@ import orjson
 from common import stats
 from common.config import Settings
 from schemas.fields import MessageInvalid
+from workers import units
+from workers.gate import CallResult, Hold, Ticket
 from workers.mapping import PermanentFailure, plan_message
 from workers.partner.base import Operation, OperationKind, PartnerResult
 from workers.runtime import Runtime
 
-# Bounds the turns one call spends waiting for the rate limit before the work is deferred.
-_MAX_INLINE_WAITS = 5
-# After the audience lock stayed busy for the guard's whole wait: try again this much later.
-_AUDIENCE_BUSY_DEFER_SECONDS = 1.0
+# A deferral comes back a little after its wait, by a random amount up to this share of it (at
+# least _DEFER_JITTER_MIN_SECONDS, at most _DEFER_JITTER_MAX_SECONDS): a herd held together (an
+# open breaker, a full rate window) does not come back in the same millisecond.
+_DEFER_JITTER_SHARE = 0.1
+_DEFER_JITTER_MIN_SECONDS = 0.02
+_DEFER_JITTER_MAX_SECONDS = 2.0
 # A suspension flag outlives any fix the customer would make; a fix clears it sooner.
 SUSPEND_TTL_SECONDS = 30 * 86400
 
@@ -65,13 +72,6 @@ def classify(status: int | None) -> Verdict:
     if status in TRANSIENT_STATUSES or 500 <= status < 600:
         return Verdict.TRANSIENT
     return Verdict.PERMANENT
-
-
-class Hold(StrEnum):
-    """A gate that said "not yet" before a call: the work is deferred without spending an attempt."""
-
-    RATE_LIMITED = "rate_limited"  # over the rate limit, or the API key is paused after a 429
-    AUDIENCE_BUSY = "audience_busy"  # another task's member call to the same audience is in flight
 
 
 class Action(StrEnum):
@@ -130,6 +130,12 @@ class Call:
     marks: tuple[str, ...]
     account_id: int | None  # whose audience subscription a 401/403 suspends
 
+    @property
+    def key(self) -> str:
+        """The call's own idempotency key, as planned: what its claim and delivered mark are named
+        by. A call of one operation has it as its mark; a merged call has its own besides."""
+        return self.marks[0] if len(self.marks) == 1 else self.operation.idempotency_key()
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -146,7 +152,6 @@ class Outcome:
     last_status: int | None = None
     error: str | None = None
     sent: int = 0  # calls the partner took in this attempt
-    waited: float = 0.0  # seconds slept in the task for the rate limit
 
 
 @dataclass(frozen=True)
@@ -199,13 +204,25 @@ def backoff_seconds(attempt: int, settings: Settings, retry_after: float | None 
     return delay
 
 
+def deferral_seconds(wait: float | None, rng: Jitter = random) -> float:
+    """The gate's wait (1 s when it named none), plus a little jitter: never earlier than the wait."""
+    base = 1.0 if wait is None else max(0.0, wait)
+    spread = min(max(base * _DEFER_JITTER_SHARE, _DEFER_JITTER_MIN_SECONDS), _DEFER_JITTER_MAX_SECONDS)
+    return base + rng.uniform(0, spread)
+
+
 def decide(
     outcome: Outcome, *, attempt: int, first_seen_ms: int, now_ms: int, settings: Settings, rng: Jitter = random
 ) -> Decision:
     """What to do with the work after attempt number `attempt`."""
     if outcome.hold is not None:
         # A gate is no failure of the partner's: the same attempt runs again once it opens.
-        return Decision(Action.DEFER, attempt, outcome.wait or 1.0, outcome.hold)
+        delay = deferral_seconds(outcome.wait, rng)
+        # But not for ever: work held past the age at which it stops being worth sending (an
+        # endpoint down for a day keeps its breaker open) is dead, like a retry would be.
+        if (now_ms - first_seen_ms) / 1000 + delay > settings.retry_max_age_seconds:
+            return Decision(Action.DEAD, attempt, reason=DeadReason.MAX_AGE)
+        return Decision(Action.DEFER, attempt, delay, outcome.hold)
     if outcome.verdict is Verdict.OK:
         return Decision(Action.DELIVERED, attempt)
     if outcome.verdict is Verdict.PERMANENT:
@@ -227,6 +244,11 @@ def decide(
 def attempt_delivery(bodies: Sequence[str], rt: Runtime) -> Attempt:
     """One attempt at delivering these accepted messages (one, or a group of event batches)."""
     members, rejected = plan(bodies, rt)
+    return deliver_planned(members, rejected, rt)
+
+
+def deliver_planned(members: Sequence[Member], rejected: Sequence[Rejected], rt: Runtime) -> Attempt:
+    """Gate, send and sort what `plan` made (run_attempt plans first: a big message is split instead)."""
     outcome, marked = _send_calls(rt, calls_for(members))
     done = [all(mark in marked for mark in member.marks) for member in members]
     return Attempt(
@@ -304,83 +326,106 @@ class _Step:
     result: PartnerResult | None = None
     hold: Hold | None = None
     wait: float | None = None
-    waited: float = 0.0
+    marked: bool = False  # the gate wrote the call's delivered marks as it let go
 
 
 def _send_calls(rt: Runtime, calls: Sequence[Call]) -> tuple[Outcome, set[str]]:
     """Send the calls in order, stopping at the first one not taken; returns the marks written."""
-    sent, waited, last_status = 0, 0.0, None
+    sent, last_status = 0, None
     marked: set[str] = set()
     for call in calls:
         step = _through_gates(rt, call)
-        waited += step.waited
         if step.hold is not None:
-            return Outcome(hold=step.hold, wait=step.wait, last_status=last_status, sent=sent, waited=waited), marked
+            return Outcome(hold=step.hold, wait=step.wait, last_status=last_status, sent=sent), marked
         if step.result is not None:
             last_status = step.result.status
             verdict = classify(step.result.status)
             if verdict is not Verdict.OK:
                 answer = step.result
                 outcome = Outcome(
-                    verdict,
-                    wait=answer.retry_after,
-                    last_status=answer.status,
-                    error=answer.error,
-                    sent=sent,
-                    waited=waited,
+                    verdict, wait=answer.retry_after, last_status=answer.status, error=answer.error, sent=sent
                 )
                 return outcome, marked
             sent += 1
-        # Written only after the partner took the call (or had newer state for all of it).
-        pipe = rt.redis.pipeline(transaction=False)
-        for mark in call.marks:
-            pipe.set(rt.keys.delivered(mark), 1, ex=rt.settings.dedup_ttl_seconds)
-        pipe.execute()
+        if not step.marked:
+            # No call was needed (a twin delivered it, or the partner had newer state for all of
+            # it): written here, so the work is never looked at again.
+            pipe = rt.redis.pipeline(transaction=False)
+            for mark in call.marks:
+                pipe.set(rt.keys.delivered(mark), 1, ex=rt.settings.dedup_ttl_seconds)
+            pipe.execute()
         marked.update(call.marks)
-    return Outcome(Verdict.OK, last_status=last_status, sent=sent, waited=waited), marked
+    return Outcome(Verdict.OK, last_status=last_status, sent=sent), marked
 
 
 def _through_gates(rt: Runtime, call: Call) -> _Step:
     operation = call.operation
+    if operation.kind in (OperationKind.AUDIENCE_UPSERT, OperationKind.AUDIENCE_DELETE):
+        # The audience's own changes, one at a time with its member calls, only forward in time.
+        with rt.audiences.locked(operation) as lock:
+            if not lock:
+                return _Step(hold=Hold.AUDIENCE_BUSY, wait=lock.wait)
+            if rt.audiences.subscription_is_stale(operation):
+                return _Step()  # the partner already has a newer change of this audience
+            step = _gated_send(rt, call, operation)
+            if step.result is not None and classify(step.result.status) is Verdict.OK:
+                rt.audiences.record_subscription(operation)
+            return step
     if operation.kind is not OperationKind.MEMBERS:
-        return _gated_send(rt, operation, call.account_id)
+        return _gated_send(rt, call, operation)
     # Member changes go one call per audience at a time, and only forward in time.
-    with rt.audiences.locked(operation) as held:
-        if not held:
-            return _Step(hold=Hold.AUDIENCE_BUSY, wait=_AUDIENCE_BUSY_DEFER_SECONDS)
+    with rt.audiences.locked(operation) as lock:
+        if not lock:
+            return _Step(hold=Hold.AUDIENCE_BUSY, wait=lock.wait)
         fresh = rt.audiences.fresh_changes(operation)
         if fresh is None:
             return _Step()  # the partner already has newer state for every user here
-        step = _gated_send(rt, fresh, call.account_id)
+        step = _gated_send(rt, call, fresh)
         if step.result is not None and classify(step.result.status) is Verdict.OK:
             rt.audiences.record(fresh)
         return step
 
 
-def _gated_send(rt: Runtime, operation: Operation, account_id: int | None) -> _Step:
-    defer, waited = _wait_for_slot(rt, operation)
-    if defer:
-        return _Step(hold=Hold.RATE_LIMITED, wait=defer, waited=waited)
-    result = _send(rt, operation)
-    if operation.kind.is_audience and account_id is not None:
-        _track_credentials(rt, operation, account_id, result.status)
-    return _Step(result=result, waited=waited)
-
-
-def _wait_for_slot(rt: Runtime, operation: Operation) -> tuple[float, float]:
-    """(0, seconds slept) once this call holds a rate-limit slot; else (how long to defer, slept)."""
+def _gated_send(rt: Runtime, call: Call, operation: Operation) -> _Step:
+    """Through the API key's gate, then the partner; `operation` is the call's, or what is left of it."""
     partner_key = operation.partner_key()
-    waited = 0.0
-    for _ in range(_MAX_INLINE_WAITS):
-        wait = rt.gate.acquire(partner_key)
-        if wait <= 0:
-            return 0.0, waited
-        stats.incr(rt.redis, rt.keys, stats.RATE_LIMITED)
-        if wait > rt.settings.rate_limit_max_inline_wait_seconds:
-            return wait, waited
-        waited += wait
-        time.sleep(wait)
-    return rt.settings.rate_limit_max_inline_wait_seconds, waited
+    # A merged call is also already delivered when each of its members is (other copies took them).
+    ticket = rt.gate.enter(partner_key, call.key, call.marks if len(call.marks) > 1 else ())
+    if ticket.already:
+        return _Step()
+    if ticket.hold is not None:
+        if ticket.hold in (Hold.RATE_LIMITED, Hold.PAUSED):
+            stats.incr(rt.redis, rt.keys, stats.RATE_LIMITED)
+        return _Step(hold=ticket.hold, wait=ticket.wait)
+    result: PartnerResult | None = None
+    try:
+        result = _send(rt, operation)
+    finally:
+        # Whatever happened, the claim and the lease go back now rather than when they expire.
+        _leave(rt, ticket, call, result)
+    if operation.kind.is_audience and call.account_id is not None:
+        _track_credentials(rt, operation, call.account_id, result.status)
+    return _Step(result=result, marked=classify(result.status) is Verdict.OK)
+
+
+def _leave(rt: Runtime, ticket: Ticket, call: Call, result: PartnerResult | None) -> None:
+    if result is None:
+        rt.gate.leave(ticket, CallResult.NONE)
+        return
+    verdict = classify(result.status)
+    if result.status == 429:
+        # A 429 speaks for the whole API key: pause every worker's calls to it, not just this task.
+        # It is throttling, not an endpoint failing: the breaker does not count it.
+        pause = min(result.retry_after or 1.0, rt.settings.retry_after_max_seconds)
+        rt.gate.leave(ticket, CallResult.THROTTLED, pause_seconds=pause)
+    elif verdict is Verdict.OK:
+        # The call's own mark too (a merged call's key): a twin of the same group that passed the
+        # plan's check finds it at the gate. Written as the claim goes, never after.
+        rt.gate.leave(ticket, CallResult.OK, marks=dict.fromkeys((*call.marks, call.key)))
+    elif verdict is Verdict.PERMANENT:
+        rt.gate.leave(ticket, CallResult.REJECTED)
+    else:
+        rt.gate.leave(ticket, CallResult.FAILED)
 
 
 def _send(rt: Runtime, operation: Operation) -> PartnerResult:
@@ -389,10 +434,6 @@ def _send(rt: Runtime, operation: Operation) -> PartnerResult:
     pipe = rt.redis.pipeline(transaction=False)
     stats.incr(pipe, rt.keys, stats.PARTNER_CALLS)
     stats.record_latency(pipe, rt.keys, time.monotonic() - started)
-    if result.status == 429:
-        # A 429 speaks for the whole API key: pause every worker's calls to it, not just this task.
-        pause = min(result.retry_after or 1.0, rt.settings.retry_after_max_seconds)
-        rt.gate.pause(operation.partner_key(), pause)
     pipe.execute()
     return result
 
@@ -412,6 +453,14 @@ def _plan_one(body: str) -> tuple[Member, dict[str, int]] | Rejected:
         message: Any = orjson.loads(body)
     except orjson.JSONDecodeError:
         return Rejected(body, None, None, None, DeadReason.INVALID_JSON)
+    if units.is_unit(message):
+        # A unit of a split message (workers/units.py): already mapped, one operation, its own key.
+        try:
+            unit = units.decode(message)
+        except units.UnitInvalid as exc:
+            return Rejected(body, *units.identify(message), DeadReason.INVALID_MESSAGE, str(exc)[:500])
+        op = unit.operation
+        return Member(body, unit.message_id, unit.account_id, unit.message_type, (op,), (op.idempotency_key(),)), {}
     try:
         planned = plan_message(message)
     except MessageInvalid as exc:

@@ -1,5 +1,5 @@
-"""Which Celery task each inbox entry becomes: event batches for the same partner API key
-travel together, so one partner call carries many users' batches.
+"""Which lane each inbox entry waits in, and which Celery task it becomes: event batches for
+the same partner API key travel together, so one partner call carries many users' batches.
 
 A plain function of the entries read from the inbox, unit-tested without Redis or Celery.
 """
@@ -18,6 +18,9 @@ from schemas.messages import EVENTS
 # a group keeps its members, so a retry sends exactly the payload (and Idempotency-Key) that
 # the partner may already have taken.
 GROUP = "group"
+# The inbox entry type of one partner operation of a message that was split into units
+# (workers/units.py): it goes to `firehose.deliver` like any single message, its body says it is a unit.
+UNIT = "unit"
 
 
 @dataclass
@@ -32,6 +35,38 @@ class Job:
     entry_ids: list[bytes] = field(default_factory=list)
 
 
+# The lane of messages without a usable API key: they are dead-lettered at their first
+# attempt, so sharing one lane costs nobody a turn for long. Never a partner key's hash
+# (16 hex digits), so it cannot collide with one.
+NO_KEY_LANE = "nokey"
+
+
+def _api_key(message: Any) -> str | None:
+    account = message.get("account") if isinstance(message, dict) else None
+    settings = account.get("account_settings") if isinstance(account, dict) else None
+    api_key = settings.get("apiKey") if isinstance(settings, dict) else None
+    return api_key if isinstance(api_key, str) and api_key else None
+
+
+def lane_of(fields: dict[bytes, bytes]) -> str:
+    """The lane an inbox entry waits in: its own `lane` field, else its API key's hash.
+
+    Lanes take turns, so a key with thousands of messages waiting never stands in front of
+    another key's one. A group (retried as one) waits in its first member's lane.
+    """
+    lane = fields.get(b"lane")
+    if lane:
+        return lane.decode()
+    try:
+        message: Any = orjson.loads(fields.get(b"body", b""))
+        if fields.get(b"type", b"").decode() == GROUP and isinstance(message, list) and message:
+            message = orjson.loads(message[0]) if isinstance(message[0], str) else message[0]
+    except (orjson.JSONDecodeError, UnicodeDecodeError):
+        return NO_KEY_LANE
+    api_key = _api_key(message)
+    return partner_key(api_key) if api_key else NO_KEY_LANE
+
+
 def _event_group_key(body: str) -> tuple[str, int] | None:
     """(partner key, event count) of an event batch that can share a call; None otherwise."""
     try:
@@ -40,11 +75,9 @@ def _event_group_key(body: str) -> tuple[str, int] | None:
         return None
     if not isinstance(message, dict) or message.get("type") != EVENTS:
         return None
-    account = message.get("account")
-    settings = account.get("account_settings") if isinstance(account, dict) else None
-    api_key = settings.get("apiKey") if isinstance(settings, dict) else None
+    api_key = _api_key(message)
     events = message.get("events")
-    if not isinstance(api_key, str) or not api_key or not isinstance(events, list):
+    if api_key is None or not isinstance(events, list):
         return None  # the single-message path dead-letters it with the reason
     return partner_key(api_key), len(events)
 

@@ -93,7 +93,12 @@ def plan_subscription(message: dict[str, Any]) -> Plan:
     api_key = _api_key(sub.account_settings)
     if sub.action == "remove":
         op = Operation(
-            OperationKind.AUDIENCE_DELETE, {"account_id": sub.account_id}, api_key, sub.audience_id, sub.message_id
+            OperationKind.AUDIENCE_DELETE,
+            {"account_id": sub.account_id},
+            api_key,
+            sub.audience_id,
+            sub.message_id,
+            timestamp_ms=sub.timestamp_ms,
         )
     else:
         payload = {
@@ -102,7 +107,14 @@ def plan_subscription(message: dict[str, Any]) -> Plan:
             "description": sub.audience_description,
             "settings": sub.settings,
         }
-        op = Operation(OperationKind.AUDIENCE_UPSERT, payload, api_key, sub.audience_id, sub.message_id)
+        op = Operation(
+            OperationKind.AUDIENCE_UPSERT,
+            payload,
+            api_key,
+            sub.audience_id,
+            sub.message_id,
+            timestamp_ms=sub.timestamp_ms,
+        )
     plan.operations.append(op)
     return plan
 

@@ -20,8 +20,8 @@ from common.config import Settings
 from common.keys import Keys
 from common.redis_conn import worker_client
 from workers.audiences import AudienceGuard
+from workers.gate import LEASE_MARGIN_SECONDS, PartnerGate
 from workers.partner.base import PartnerClient
-from workers.ratelimit import PartnerGate, RateLimit
 from workers.scheduler import RetrySchedule
 
 _EXTENSION = "firehose_runtime"
@@ -79,10 +79,10 @@ def build_runtime(settings: Settings, partner: PartnerClient | None = None) -> R
         keys=keys,
         redis=client,
         partner=partner or load_partner_client(settings),
-        gate=PartnerGate(client, keys, RateLimit.parse(settings.partner_rate_limit), settings.rate_limit_margin_ms),
+        gate=PartnerGate.from_settings(client, keys, settings),
         retries=RetrySchedule(client, keys),
-        # Held at most for one partner call (its timeout) plus a rate-limit wait.
-        audiences=AudienceGuard(client, keys, lock_ttl_seconds=2 * settings.partner_timeout_seconds + 5),
+        # Held for one partner call at most (nothing waits under it any more), like a claim.
+        audiences=AudienceGuard(client, keys, lock_ttl_seconds=settings.partner_timeout_seconds + LEASE_MARGIN_SECONDS),
     )
 
 

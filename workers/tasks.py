@@ -11,11 +11,12 @@ from typing import Any
 
 import orjson
 import redis
-from celery import shared_task
+from celery import current_task, shared_task
 from celery.exceptions import Reject
 
 from common import dead_letters, stats
 from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK
+from workers import units
 from workers.delivery import (
     Action,
     DeadReason,
@@ -23,11 +24,12 @@ from workers.delivery import (
     Member,
     Outcome,
     Rejected,
-    attempt_delivery,
     decide,
+    deliver_planned,
     identify_body,
+    plan,
 )
-from workers.grouping import GROUP
+from workers.grouping import GROUP, UNIT, lane_of
 from workers.runtime import Runtime, runtime
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,6 @@ def _log_attempt(
             "reason": None if decision.reason is None else str(decision.reason),
             "status": status,
             "wait": wait,
-            "rate_limit_wait": round(outcome.waited, 3) if outcome else 0.0,
         },
     )
 
@@ -90,7 +91,30 @@ def _dead_letter(
         last_status=last_status,
         error=error,
         attempts=attempt,
+        letter_id=_unit_id(member),
     )
+
+
+def _unit_id(member: Member | Rejected) -> str | None:
+    """A unit's own id: its siblings share the message id, a dead letter and a task id must not."""
+    if not units.is_unit_body(member.body):
+        return None
+    if isinstance(member, Member) and member.operations:
+        return units.unit_id(member.operations[0])
+    try:
+        return units.unit_id(units.decode(orjson.loads(member.body)).operation)
+    except (orjson.JSONDecodeError, units.UnitInvalid):
+        return None
+
+
+def _identify(body: str) -> tuple[str | None, int | None, str | None]:
+    """(message id, account id, type) of a message, or of the message a unit came from."""
+    if units.is_unit_body(body):
+        try:
+            return units.identify(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            pass
+    return identify_body(body)
 
 
 def _reschedule(
@@ -104,6 +128,10 @@ def _reschedule(
     else:
         [member] = pending
         body, message_id, message_type = member.body, member.message_id or "", member.message_type or ""
+        unit_id = _unit_id(member)
+        if unit_id is not None:
+            # A unit goes back as itself, under its own id: never as the message it came from.
+            message_id, message_type = unit_id, UNIT
     rt.retries.schedule(
         body,
         message_id=message_id,
@@ -111,6 +139,8 @@ def _reschedule(
         attempt=decision.attempt,
         first_seen_ms=first_seen_ms,
         delay=decision.delay or 0.0,
+        # Straight back into its own lane when due, never behind other keys' backlog.
+        lane=lane_of({b"body": body.encode(), b"type": message_type.encode()}),
     )
 
 
@@ -120,11 +150,18 @@ def run_attempt(
     """Attempt `attempt` at these messages, and apply what `decide` makes of it.
 
     `grouped`: the work is a group of event batches (it is rescheduled as one group entry).
-    Returns the decision, None when every message was rejected before any call.
+    A single message with more than one partner operation left is split into units instead
+    (workers/units.py): this attempt stores them and makes no partner call.
+    Returns the decision; None when every message was rejected before any call, or when the
+    message was split.
     """
     now_ms = _now_ms()
     first_seen = first_seen_ms or now_ms
-    result = attempt_delivery(bodies, rt)
+    members, rejected = plan(bodies, rt)
+    if not grouped and len(members) == 1 and units.should_split(members[0].operations):
+        _split(rt, members[0], first_seen)
+        return None
+    result = deliver_planned(members, rejected, rt)
     for rejected in result.rejected:
         # A group's invalid member is dead-lettered on its own, with its own id and reason.
         _log_attempt(
@@ -146,6 +183,54 @@ def run_attempt(
         for member in result.pending:
             _dead_letter(rt, member, decision.reason or "unknown", attempt, outcome.last_status, outcome.error)
     return decision
+
+
+def _split(rt: Runtime, member: Member, first_seen_ms: int) -> None:
+    """Store each operation still to deliver as a unit in its lane, chunk by atomic chunk.
+
+    If this task dies after a step and before its ack, its re-run finds the chunks' split marks
+    and writes only what it had not. Were the mark gone (its TTL is the dedupe window), the twins written again
+    would still be harmless: each carries the same idempotency key, so the delivered marks,
+    the audience guard and the partner's Idempotency-Key drop the second of each.
+    """
+    written = units.store_units(
+        rt.redis,
+        rt.keys,
+        units.split_mark_id(member.message_id, member.body),
+        units.entries(member.operations, account_id=member.account_id, message_type=member.message_type),
+        first_seen_ms=first_seen_ms,
+        mark_ttl=rt.settings.dedup_ttl_seconds,
+    )
+    log.info(
+        "message_split message_id=%s account_id=%s units=%s",
+        member.message_id,
+        member.account_id,
+        written or 0,
+        extra={
+            "event": "message_split",
+            "message_id": member.message_id,
+            "account_id": member.account_id,
+            "units": written or 0,
+            "already_split": written is None,
+        },
+    )
+
+
+def _give_back_slot(bodies: list[str]) -> None:
+    """The task's slot in its lane (workers/pump.py), so the pump publishes the lane's next work.
+
+    Best effort: a slot not given back lapses on its own, and the pump waits for nothing else.
+    """
+    request = current_task.request if current_task else None
+    task_id = getattr(request, "id", None)
+    if not task_id or not bodies:
+        return
+    lane = lane_of({b"body": bodies[0].encode()})
+    try:
+        rt = runtime()
+        rt.redis.zrem(rt.keys.lane_slots(lane), task_id)
+    except redis.RedisError:
+        log.warning("slot_not_given_back", extra={"event": "slot_not_given_back"})
 
 
 def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -171,10 +256,12 @@ def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., 
                 attempt = kwargs.get("attempt", 1)
                 try:
                     for body in bodies_of(*args, **kwargs):
-                        member = Rejected(body, *identify_body(body), DeadReason.INTERNAL_ERROR)
+                        member = Rejected(body, *_identify(body), DeadReason.INTERNAL_ERROR)
                         _dead_letter(rt, member, member.reason, attempt, error=type(exc).__name__)
                 except redis.RedisError:
                     raise Reject("could not dead-letter", requeue=True) from None
+            finally:
+                _give_back_slot(bodies_of(*args, **kwargs))
 
         return run
 

@@ -7,10 +7,11 @@ pump on it, as Flask's Celery pattern does; nothing else in workers/ imports ser
 from common.config import SettingsError
 from service import create_app
 from workers.celery_app import celery_init_app
+from workers.runtime import PartnerClientError
 
 try:
     flask_app = create_app()
-except SettingsError as error:
-    # The lines that name each bad variable, not a traceback through Celery's app loader.
+    celery_app = celery_init_app(flask_app)
+except (SettingsError, PartnerClientError) as error:
+    # The lines that say what is wrong, not a traceback through Celery's app loader.
     raise SystemExit(str(error)) from None
-celery_app = celery_init_app(flask_app)

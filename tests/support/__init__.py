@@ -42,9 +42,11 @@ FUZZ_DB = 6
 POLICY_DB = 12
 BATCHING_DB = 13
 AUDIENCES_DB = 15
+# tests/e2e/test_isolation.py: one customer's failing partner endpoint next to another's.
+ISOLATION_DB = 14
 # The worker core's unit tests (tests/unit): in-process, each test under its own key prefix.
 WORKER_CORE_DB = 7
-DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB, WORKER_CORE_DB)
+DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB, WORKER_CORE_DB, ISOLATION_DB)
 
 
 def sample(version: str, name: str) -> bytes:

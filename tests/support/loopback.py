@@ -20,10 +20,10 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 
 @dataclass
 class Answer:
-    """One scripted answer: a dict body is sent as JSON; `delay` is slept before answering."""
+    """One scripted answer: a body other than bytes or text is sent as JSON; `delay` is slept first."""
 
     status: int = 200
-    body: bytes | str | dict[str, Any] = b""
+    body: bytes | str | dict[str, Any] | list[Any] = b""
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
 
@@ -46,9 +46,7 @@ class ScriptedServer:
         # Handler threads append while the test thread reads.
         self._lock = threading.Lock()
         self.app = Flask("scripted_server")
-        self.app.add_url_rule(
-            "/", "any", self._answer, defaults={"path": ""}, methods=["GET", "POST", "PUT", "DELETE"]
-        )
+        self.app.add_url_rule("/", "any", self._answer, defaults={"path": ""}, methods=["GET", "POST", "PUT", "DELETE"])
         self.app.add_url_rule("/<path:path>", "any_path", self._answer, methods=["GET", "POST", "PUT", "DELETE"])
 
     def _answer(self, path: str) -> Response:
@@ -60,9 +58,9 @@ class ScriptedServer:
         if answer.delay:
             time.sleep(answer.delay)
         body = answer.body
-        if isinstance(body, dict):
-            return Response(orjson.dumps(body), answer.status, answer.headers, mimetype="application/json")
-        return Response(body, answer.status, answer.headers)
+        if isinstance(body, bytes | str):
+            return Response(body, answer.status, answer.headers)
+        return Response(orjson.dumps(body), answer.status, answer.headers, mimetype="application/json")
 
 
 class _QuietHandler(WSGIRequestHandler):

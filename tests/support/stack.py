@@ -13,7 +13,7 @@ import orjson
 import redis as redis_lib
 import requests
 
-from common.keys import Keys
+from common.keys import BACKLOG_LUA, Keys
 from common.names import DELIVERY_QUEUE
 from devtools.procs import start_web, start_worker
 from tests.support import Proc, Stub, base_env, redis_db, sample, wait_for
@@ -66,7 +66,7 @@ class Stack:
         return stub
 
     def drained(self) -> bool:
-        """Nothing in the inbox, the retry schedule, Celery's queue or a worker's hands.
+        """Nothing in the inbox, the pump's lanes, the retry schedule, Celery's queue or a worker's hands.
 
         Asked twice, a little apart: a task moving from Celery's queue to a worker's unacked
         set is briefly in neither.
@@ -74,8 +74,11 @@ class Stack:
         r = self.redis
 
         def empty() -> bool:
+            # Entries leave the inbox and the lanes only once they moved on, so a message read
+            # but not yet published still counts here.
+            backlog, _lanes = r.eval(BACKLOG_LUA, 2, KEYS.inbox, KEYS.lanes, KEYS.lane_prefix)
             return (
-                r.xlen(KEYS.inbox) == 0
+                int(backlog) == 0
                 and r.zcard(KEYS.retry_schedule) == 0
                 and r.llen(DELIVERY_QUEUE) == 0
                 and r.hlen("unacked") == 0

@@ -35,11 +35,7 @@ def core_settings(**changes: Any) -> Settings:
 
 
 def core_runtime(partner: ScriptedPartnerClient | None = None, **changes: Any) -> Runtime:
-    rt = build_runtime(core_settings(**changes), partner=partner or ScriptedPartnerClient())
-    # A busy audience is given up on after a few polls, not a second.
-    rt.audiences.busy_wait_seconds = 0.03
-    rt.audiences.poll_seconds = 0.01
-    return rt
+    return build_runtime(core_settings(**changes), partner=partner or ScriptedPartnerClient())
 
 
 def client(settings: Settings) -> redis.Redis:
@@ -52,3 +48,29 @@ def message(kind: str = EVENTS_MESSAGE, api_key: str = "key-a", events: int = 2)
 
 def body(msg: dict[str, Any]) -> str:
     return orjson.dumps(msg).decode()
+
+
+def take_inbox(rt: Runtime) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Every entry of the inbox and the lanes (where due retries go back), removed from its
+    stream as the pump does once it published them."""
+    streams = [rt.keys.inbox] + [rt.keys.lane(lane.decode()) for lane in sorted(rt.redis.smembers(rt.keys.lanes))]
+    taken = []
+    for stream in streams:
+        entries = rt.redis.xrange(stream)
+        if entries:
+            rt.redis.xdel(stream, *[entry_id for entry_id, _ in entries])
+        taken += entries
+    return taken
+
+
+def run_inbox(rt: Runtime) -> list[tuple[dict[bytes, bytes], Any]]:
+    """Run each inbox entry once as the pump and `firehose.deliver` would (the units of a split
+    message, say); returns each entry's fields with its task's decision."""
+    from workers.tasks import run_attempt  # the tasks module pulls in Celery: only when asked
+
+    ran = []
+    for _, fields in take_inbox(rt):
+        attempt = int(fields.get(b"attempt", b"1"))
+        first_seen = int(fields[b"first_seen"]) if b"first_seen" in fields else None
+        ran.append((fields, run_attempt([fields[b"body"].decode()], attempt, first_seen, grouped=False, rt=rt)))
+    return ran

@@ -247,3 +247,49 @@ def test_jobs_respect_the_event_limit_and_keep_retried_groups_whole() -> None:
     [retried] = [j for j in jobs if j.attempt == 3]
     assert (retried.bodies, retried.first_seen_ms) == (["x", "y"], 42)
     assert plan_jobs(entries[:2], max_messages=1, max_events=100)[0].task == "single"
+
+
+def _dsr(**changes: object) -> dict:
+    message = orjson.loads(sample("3.2.0", "DsrProcessingRequest.json"))
+    message["account"] = {"account_id": 99, "account_settings": {"apiKey": "dsr-key"}}
+    message.update(changes)
+    return message
+
+
+def test_an_erasure_request_plans_one_erase_call() -> None:
+    message = _dsr()
+    plan = plan_message(message)
+    [op] = plan.operations
+    assert (op.kind, op.api_key, op.audience_id, op.message_id) == (OperationKind.ERASE, "dsr-key", None, message["id"])
+    assert (plan.message_type, plan.account_id, plan.skipped) == ("dsr_processing_request", 99, {})
+    assert op.payload["request_id"] == message["subject_request_id"] and op.payload["regulation"] == "gdpr"
+    assert {i["value"] for i in op.payload["identities"]} == {
+        v["value"] for v in message["subject_identities"].values()
+    }
+    assert "dsr-key" not in orjson.dumps(op.payload).decode()
+
+
+def test_an_erasure_without_an_api_key_is_permanent() -> None:
+    with pytest.raises(PermanentFailure) as info:
+        plan_message(_dsr(account=None))
+    assert info.value.reason == "missing_api_key"
+
+
+def test_a_dsr_other_than_erasure_is_skipped_without_needing_a_key() -> None:
+    plan = plan_message(_dsr(subject_request_type="access", account=None))
+    assert plan.operations == [] and plan.skipped == {"unsupported_dsr_type:access": 1}
+
+
+def test_a_membership_change_without_audiences_needs_no_key_and_plans_nothing() -> None:
+    message = orjson.loads(sample("3.2.0", "AudienceMembershipChangeRequest.json"))
+    for profile in message["user_profiles"]:
+        profile["audiences"] = []
+    message["account"]["account_settings"] = {}
+    assert plan_message(message).operations == []
+
+
+@pytest.mark.parametrize("message", [{"type": "something_new"}, {"type": 5}, ["not", "a", "message"]])
+def test_an_unsupported_type_is_permanent(message: object) -> None:
+    with pytest.raises(PermanentFailure) as info:
+        plan_message(message)  # type: ignore[arg-type]
+    assert info.value.reason == "unsupported_type"

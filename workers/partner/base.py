@@ -48,6 +48,9 @@ class Operation:
     # The mParticle message this work comes from: two messages with equal content (an
     # audience added, removed and added again) are different work and need different keys.
     message_id: str | None = None
+    # When mParticle sent the message (a subscription's order among its changes); not part of
+    # the work itself, so not of its idempotency key.
+    timestamp_ms: int | None = field(default=None, compare=False)
 
     def idempotency_key(self) -> str:
         """The same for the same work, on every attempt and every replay."""

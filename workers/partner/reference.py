@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from email.utils import parsedate_to_datetime
 
@@ -38,17 +39,36 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 class ReferencePartnerClient:
-    """One instance per worker process: its session pools connections to the partner."""
+    """One instance per worker process, shared by its pool's threads.
 
-    def __init__(self, base_url: str, timeout: float, pool_size: int = 10) -> None:
+    `requests.Session` is not documented as thread-safe (its cookie jar and adapters are
+    mutated per request), so each thread gets a Session of its own, built on first use, each
+    with a small connection pool kept alive to the partner between calls.
+    """
+
+    def __init__(self, base_url: str, timeout: float, pool_size: int = 2) -> None:
         self.base_url = base_url.rstrip("/")
         # Connect fails fast; the read timeout is the partner's own budget.
         self.timeout = (min(3.05, timeout), timeout)
-        self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
-        self.session.headers.update({"Content-Type": "application/json", "User-Agent": "firehose-relay"})
+        self.pool_size = pool_size
+        self._local = threading.local()
+
+    @property
+    def session(self) -> requests.Session:
+        """This thread's session (one per thread: see the class docstring)."""
+        session: requests.Session | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = self._new_session()
+        return session
+
+    def _new_session(self) -> requests.Session:
+        session = requests.Session()
+        # One thread makes one call at a time: a couple of kept-alive connections is plenty.
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=self.pool_size, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers.update({"Content-Type": "application/json", "User-Agent": "firehose-relay"})
+        return session
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ReferencePartnerClient:
