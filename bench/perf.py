@@ -708,8 +708,8 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
         "",
         "## End to end: POST to arrival at the partner stub",
         "",
-        "The partner stub, one Celery worker as `devtools.procs.start_worker` starts it (prefork, concurrency 2, "
-        "the default pump and batching settings) and the web (gunicorn.conf.py, 2 workers), all on this machine; "
+        "The partner stub, one Celery worker as `devtools.procs.start_worker` starts it (the default pool, "
+        "concurrency, pump and batching settings) and the web (gunicorn.conf.py, 2 workers), all on this machine; "
         "`PARTNER_RATE_LIMIT=none`, so that the relay is measured rather than the configured partner limit "
         f"(default 50 calls/s per API key). {cfg.e2e_events_per_message} events per message, one API key.",
         "",
@@ -737,11 +737,17 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
         f"| web worker under the ingest load (largest of {workers}) | {_mib(memory['service'])} |",
         f"| bare Flask worker, same load | {_mib(memory['bare'])} |",
         f"| web worker, end to end | {_mib(e2e['memory']['web'])} |",
-        f"| Celery worker main process (with the inbox pump) | {_mib(e2e['memory']['worker_main'])} |",
-        f"| Celery pool process (largest of {e2e['memory']['worker_pool_processes']}) "
-        f"| {_mib(e2e['memory']['worker_pool'])} |",
+        f"| Celery worker main process (the inbox pump and, with the thread pool, every delivery) "
+        f"| {_mib(e2e['memory']['worker_main'])} |",
+    ]
+    if e2e["memory"]["worker_pool_processes"]:
+        lines.append(
+            f"| Celery pool process (largest of {e2e['memory']['worker_pool_processes']}) "
+            f"| {_mib(e2e['memory']['worker_pool'])} |"
+        )
+    lines += [
         "",
-        "## Goals (issue 6)",
+        "## Goals",
         "",
     ]
     ios = table["ios"]

@@ -216,13 +216,11 @@ def _split(rt: Runtime, member: Member, first_seen_ms: int) -> None:
     )
 
 
-def _give_back_slot(bodies: list[str]) -> None:
+def _give_back_slot(bodies: list[str], task_id: str | None) -> None:
     """The task's slot in its lane (workers/pump.py), so the pump publishes the lane's next work.
 
     Best effort: a slot not given back lapses on its own, and the pump waits for nothing else.
     """
-    request = current_task.request if current_task else None
-    task_id = getattr(request, "id", None)
     if not task_id or not bodies:
         return
     lane = lane_of({b"body": bodies[0].encode()})
@@ -231,6 +229,11 @@ def _give_back_slot(bodies: list[str]) -> None:
         rt.redis.zrem(rt.keys.lane_slots(lane), task_id)
     except redis.RedisError:
         log.warning("slot_not_given_back", extra={"event": "slot_not_given_back"})
+
+
+def _current_task_id() -> str | None:
+    request = current_task.request if current_task else None
+    return getattr(request, "id", None)
 
 
 def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -261,7 +264,7 @@ def _never_lost(bodies_of: Callable[..., list[str]]) -> Callable[[Callable[..., 
                 except redis.RedisError:
                     raise Reject("could not dead-letter", requeue=True) from None
             finally:
-                _give_back_slot(bodies_of(*args, **kwargs))
+                _give_back_slot(bodies_of(*args, **kwargs), _current_task_id())
 
         return run
 

@@ -12,6 +12,7 @@ from celery.exceptions import Reject
 from flask import Flask
 
 from common import dead_letters, stats
+from common.keys import partner_key
 from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK
 from tests.support.partner_clients import ScriptedPartnerClient
 from tests.support.worker_core import body, core_runtime, message
@@ -82,3 +83,19 @@ def test_a_redis_error_puts_the_message_back(monkeypatch: pytest.MonkeyPatch) ->
     with _app_with(rt).app_context(), pytest.raises(Reject) as info:
         tasks.deliver.run(body(message()))
     assert info.value.requeue is True
+
+
+def test_a_task_gives_its_lane_slot_back_when_it_ends(
+    rt: Runtime, partner: ScriptedPartnerClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pump took a slot in the message's lane when it published the task; the task's end,
+    delivered or failed, gives it back so the lane's next work can go."""
+    msg = message(api_key="slot-key")
+    slots = rt.keys.lane_slots(partner_key("slot-key"))
+    monkeypatch.setattr(tasks, "_current_task_id", lambda: "task-1")
+    for answers in ([200], [503]):
+        partner.answers = answers
+        rt.redis.zadd(slots, {"task-1": 2**40, "task-2": 2**40})
+        tasks.deliver.run(body(msg))
+        assert rt.redis.zrange(slots, 0, -1) == [b"task-2"]
+        msg = message(api_key="slot-key")
