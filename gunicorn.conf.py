@@ -13,6 +13,7 @@ from gunicorn.glogging import Logger
 # The project root is on sys.path here: gunicorn changes to it before reading this file.
 from common.config import Settings, SettingsError
 from common.logging_setup import configure_logging, decorate
+from service.registration import registration_for
 from service.request_log import SUMMARY_ENVIRON_KEY, log_summary, summary_by_access_log
 
 # Every value below comes from Settings (common/config.py, documented in .env.example), as the
@@ -20,6 +21,7 @@ from service.request_log import SUMMARY_ENVIRON_KEY, log_summary, summary_by_acc
 # gunicorn would print its own traceback around any other exception.
 try:
     _settings = Settings.from_env()
+    registration_for(_settings)  # a bad REGISTRATION_FILE is a bad setting too
 except SettingsError as error:
     sys.exit(f"gunicorn.conf.py: {error}")
 

@@ -95,7 +95,8 @@ def event_batch(n_events: int, message_id: str = PLACEHOLDER) -> bytes:
 def verification_body() -> bytes:
     """What mParticle sends to check the endpoint: an event batch with no events (nothing queued)."""
     message = _sample(IOS_SAMPLE)
-    message.update(id=PLACEHOLDER, events=[])
+    # Without notifications too: consent notifications alone are work, and would be queued.
+    message.update(id=PLACEHOLDER, events=[], system_notifications=[])
     return orjson.dumps(message)
 
 

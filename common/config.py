@@ -24,6 +24,7 @@ from common.ratelimit import RateLimit
 WHERE = "Where things are"
 ENDPOINT = "The Firehose endpoint"
 COOKIE_SYNC = "Cookie sync (GET /cookie-sync)"
+REGISTRATION = "The module registration (what mParticle's review reads; README)"
 DELIVERY = "Delivery to the partner"
 BATCHING = "Batching towards the partner"
 PUMP = "The inbox pump (in each worker)"
@@ -175,6 +176,46 @@ class Settings(BaseSettings):
         group=COOKIE_SYNC,
     )
     cookie_sync_cookie: str = setting("fr_uid", "The partner's first-party id cookie.", group=COOKIE_SYNC)
+
+    # --- The module registration ------------------------------------------------------------
+    # The simple values of the registration response; the structured parts come from
+    # service/module_registration.json and REGISTRATION_FILE (service/registration.py).
+    # Commented in .env.example: `make up` sources .env with sh, which splits an unquoted value
+    # with spaces. Quote them in .env.
+    registration_name: str = setting(
+        "Firehose Relay",
+        "The integration's name in mParticle's directory: your company or product (quote it in .env).",
+        group=REGISTRATION,
+        commented=True,
+    )
+    registration_description: str = setting(
+        "Streams your mParticle events, audiences and erasure requests to our API, durably and in order.",
+        "The directory's description of the integration: fewer than 230 characters, inline HTML allowed "
+        "(quote it in .env).",
+        group=REGISTRATION,
+        commented=True,
+        max_length=229,
+    )
+    registration_version: str = setting(
+        "1.0",
+        "Your own version of the integration; raise it with each registration you send for review.",
+        group=REGISTRATION,
+    )
+    registration_push_messaging_provider_id: str = setting(
+        "",
+        "The provider key in your push payloads. Unset: left out, and push_message_receipt is not offered "
+        "(mParticle forwards only receipts that carry it).",
+        group=REGISTRATION,
+    )
+    registration_max_data_age_hours: int = setting(
+        24, "How old an event mParticle may still send, hours; -1 for any age.", group=REGISTRATION, ge=-1
+    )
+    registration_file: str = setting(
+        "",
+        "A JSON file laid over service/module_registration.json, section by section and key by key: "
+        "permissions, identities, event types, account and audience settings (README). Checked at start.",
+        group=REGISTRATION,
+    )
 
     # --- Delivery to the partner ------------------------------------------------------------
     partner_client: str = setting(
@@ -405,6 +446,13 @@ class Settings(BaseSettings):
     def _partner_client(cls, value: str) -> str:
         if not _PARTNER_CLIENT.match(value):
             raise ValueError("must look like package.module:Class")
+        return value
+
+    @field_validator("registration_max_data_age_hours")
+    @classmethod
+    def _max_data_age(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (any age) or at least 1")
         return value
 
     @model_validator(mode="after")

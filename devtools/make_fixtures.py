@@ -10,8 +10,10 @@ The folder and file names follow the SDK's sample corpus, so a test can ask for
 `sample("3.2.0", "EventProcessingRequest_ios.json")` whichever corpus is at hand, and each version
 folder shows what that protocol era looks like on the wire (§12, §15): the 1.x membership format
 without actions, unversioned 2.0.0 files, `mpid` from 2.1.0, partner identities, CCPA, ATT, OAuth2,
-DSR from 2.8.1, `custom_flags`, platform fields; plus int64 session ids beyond 2**53, unknown
-fields, every event type, and a real-world-shaped batch (`observed/`, §13).
+DSR from 2.8.1, `custom_flags`, platform fields; every batch of the SDK's shape carries its consent
+state, GDPR (and from 2.4.0 CCPA) notifications, integration attributes, source id and device
+application stamp; plus int64 session ids beyond 2**53, unknown fields, every event type, and a
+real-world-shaped batch (`observed/`, §13: as captured, without consent).
 
 The output is deterministic: no clock, no randomness, so regenerating changes nothing unless this
 file changed.
@@ -664,6 +666,8 @@ def handwritten_batch(version: str, clock: Clock) -> Message:
     message["account"] = account(version, api_key=True, extra={"channelName": "@fixture"})
     message["user_identities"] = user_identities(person, version)
     message["user_attributes"] = user_attributes(person)
+    # Since 1.2: what the client kit set for this partner (§6.1).
+    message["integration_attributes"] = {"fixture_user_key": fake_hex(12, person.seed, "ia")}
     message["runtime_environment"] = ios_runtime(version, person, clock, handwritten=True)
     message["events"] = every_event_type(version, name, clock, person)
     message["system_notifications"] = [
@@ -679,6 +683,12 @@ def handwritten_batch(version: str, clock: Clock) -> Message:
             "new_gdpr_consent_state": {"consented": True, "document": "policy-v2", "timestamp": 123, "location": "web"},
         }
     ]
+    # The snapshot the notification led to (1.9+), its record still with the pre-1.10 `timestamp`.
+    message["consent_state"] = {
+        "gdpr_consent_state": {
+            "marketing": {"consented": True, "document": "policy-v2", "timestamp": 123, "location": "web"}
+        }
+    }
     if since(version, "2.1.0"):
         message["mpid"] = person.mpid
     return message

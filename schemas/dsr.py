@@ -7,10 +7,15 @@ with the Firehose envelope added. The public record is thin and contradictory
 `account`), and an unreadable `submitted_time` yields `None` plus a warning rather
 than a rejection — an erasure request must not be dropped over a timestamp format.
 Present-but-wrongly-typed envelope/account fields still raise `MessageInvalid`.
+
+`event_side_identities` translates the OpenDSR identities into the type names and
+encodings the same user's events carry (docs/partner-api.md, "Erasure"), so the
+partner finds the user without knowing OpenDSR.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,11 +40,24 @@ from schemas.fields import (
 )
 from schemas.messages import DSR
 
-__all__ = ["DsrRequest", "MessageInvalid", "parse_dsr", "submitted_time_to_ms"]
+__all__ = [
+    "EVENT_IDENTITY_ENCODINGS",
+    "OPENDSR_TO_FIREHOSE",
+    "DsrRequest",
+    "MessageInvalid",
+    "event_side_identities",
+    "hash_identity_value",
+    "parse_dsr",
+    "submitted_time_to_ms",
+]
 
 # Integers above this are milliseconds, below it seconds: 10**11 s is the year 5138,
 # 10**11 ms is 1973, so real timestamps of either unit fall clearly on one side.
 _MS_THRESHOLD = 10**11
+
+# A converted time outside 1970-01-01 … 9999-12-31 is no submission time: treated as unreadable
+# rather than forwarded as a number the partner's datetime type cannot hold.
+_MAX_MS = 253_402_300_799_999
 
 # Plain decimal numbers written as strings ("1714592744.067"), read as numbers the way
 # Jackson's InstantDeserializer treats numeric-looking strings.
@@ -47,6 +65,31 @@ _NUMERIC_RE = re.compile(r"-?\d+(\.\d+)?")
 
 # mParticle-specific identity types (mpid, other…other10, …) travel here (§10.1).
 _EXTENSION_KEY = "opendsr.mparticle.com"
+
+# OpenDSR `subject_identities` type → the Firehose identity type (§3.1) the events carry it
+# under. Only the two whose names differ need translating; the other OpenDSR types (§10.1) are
+# spelled as in Firehose already. Extension identities (mpid, other…other10, mobile_number)
+# use Firehose names, so they pass through this table unchanged.
+OPENDSR_TO_FIREHOSE: dict[str, str] = {
+    "controller_customer_id": "customer",
+    "android_advertising_id": "google_advertising_id",
+}
+
+# The encoding our registration (service/module_registration.json, `permissions`) asks mParticle
+# to give each identity type on events. schemas/ may not import service/, so it is repeated
+# here; tests/unit/test_erasure.py fails if the two ever disagree. Types absent here never
+# reach the partner on events, and an erasure sends them as received.
+EVENT_IDENTITY_ENCODINGS: dict[str, str] = {
+    "ios_advertising_id": "raw",
+    "ios_vendor_id": "raw",
+    "google_advertising_id": "raw",
+    "android_id": "raw",
+    "customer": "raw",
+    "email": "sha256",
+    "mobile_number": "sha256",
+}
+
+_HASHES = frozenset({"md5", "sha1", "sha256"})
 
 
 @dataclass(slots=True)
@@ -103,10 +146,16 @@ def submitted_time_to_ms(value: Any) -> int | None:
     * decimal epoch seconds (1714592744.067235), also as a numeric string;
     * integer: milliseconds if > 10**11, else seconds.
     The magnitude rule is applied to decimals too, so a decimal millisecond value
-    is not misread as seconds. Returns None if the value cannot be understood.
+    is not misread as seconds. Returns None if the value cannot be understood or
+    falls outside 1970 … 9999.
     """
     if value is None or value is True or value is False:
         return None
+    millis = _to_ms(value)
+    return millis if millis is not None and 0 <= millis <= _MAX_MS else None
+
+
+def _to_ms(value: Any) -> int | None:
     if type(value) is int or type(value) is float:
         return _number_to_ms(value)
     if not isinstance(value, str) or not value.strip():
@@ -124,6 +173,47 @@ def submitted_time_to_ms(value: Any) -> int | None:
     # timestamp() is a float; go through integer arithmetic to keep ms exact.
     delta = parsed - datetime(1970, 1, 1, tzinfo=UTC)
     return (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+
+
+def hash_identity_value(value: str, encoding: str) -> str:
+    """An identity value hashed the way mParticle hashes it for events (§3.1).
+
+    The spec: the hashed forms are of the value trimmed and lower-cased first, as lowercase
+    hex. Trimming is `str.strip()` (the spec names no character set; for the ASCII spaces, tabs
+    and newlines real values carry it equals Java's `trim()`). UTF-8 bytes are hashed.
+    """
+    normalised = value.strip().lower().encode("utf-8")
+    return hashlib.new(encoding, normalised).hexdigest()
+
+
+def event_side_identities(identities: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
+    """The identities as the user's events carry them: Firehose type names, registered encodings.
+
+    Each identity's type is translated (`OPENDSR_TO_FIREHOSE`); when the registration asks the
+    events to carry that type hashed and the identity came raw, its value is hashed exactly as
+    mParticle does. A value already in the events' encoding passes as is; types the events never
+    carry keep the name and encoding they came with. Returns the identities (de-duplicated, in
+    order) and how many could not be brought into the events' encoding (e.g. an md5 value where
+    events carry sha256, or a hash where events carry raw): those are sent as received.
+    """
+    result: list[dict[str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
+    mismatched = 0
+    for identity in identities:
+        kind = OPENDSR_TO_FIREHOSE.get(identity["type"], identity["type"])
+        encoding, value = identity["encoding"], identity["value"]
+        wanted = EVENT_IDENTITY_ENCODINGS.get(kind)
+        if wanted is not None and wanted != encoding:
+            if encoding == "raw" and wanted in _HASHES:
+                encoding, value = wanted, hash_identity_value(value, wanted)
+            else:
+                # A hash cannot be undone nor turned into another hash.
+                mismatched += 1
+        key = (kind, encoding, value)
+        if key not in seen:
+            seen.add(key)
+            result.append({"type": kind, "encoding": encoding, "value": value})
+    return result, mismatched
 
 
 def _collect_identities(

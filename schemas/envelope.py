@@ -1,8 +1,10 @@
 """The light check the request path makes before a message is accepted.
 
-Only what the service needs to answer and dedupe: the envelope and the account id.
-Everything else is validated in the worker (schemas.events, schemas.audiences, schemas.dsr),
-so a big batch costs the request path no more than a small one.
+What the service needs to answer and dedupe (the envelope and the account id), and what the
+worker could never deliver that is cheap to see here: an apiKey no HTTP header can carry, an
+event batch's mpid or consent_state of the wrong shape, a subscription that is not one. All
+else is validated in the worker (schemas.events, schemas.audiences, schemas.dsr), where a bad
+part is skipped and counted, so a big batch costs the request path no more than a small one.
 """
 
 from __future__ import annotations
@@ -11,12 +13,25 @@ from typing import Any
 
 from marshmallow import ValidationError, fields, validates_schema
 
-from schemas.fields import _UUID_RE, AccountSchema, LenientSchema, StrictInt, UUIDString
+from schemas.audiences import parse_subscription
+from schemas.events import ConsentStateSchema, PlatformFieldsSchema
+from schemas.fields import (
+    _UUID_RE,
+    AccountSchema,
+    IdString,
+    LenientSchema,
+    MessageInvalid,
+    StrictInt,
+    UUIDString,
+    is_header_value,
+)
 from schemas.messages import (
     ACCOUNTLESS_TYPES,
     ENVELOPE_OPTIONAL_TYPES,
+    EVENTS,
     REQUEST_TYPES,
     RESPONSE_TYPES,
+    SUBSCRIPTION,
 )
 
 
@@ -48,12 +63,75 @@ class RequestEnvelopeSchema(LenientSchema):
 _ENVELOPE = RequestEnvelopeSchema()
 
 
+class _DoorBatchSchema(LenientSchema):
+    """The event batch fields whose problem fails the whole batch in the worker
+    (schemas/events.py FATAL_BATCH_FIELDS, beyond the envelope): checked here instead, so such
+    a batch is refused with a 400 rather than answered 2xx and dead-lettered."""
+
+    mpid = IdString(allow_none=True)
+    consent_state = fields.Nested(ConsentStateSchema(), allow_none=True)
+    platform_fields = fields.Nested(PlatformFieldsSchema(), allow_none=True)
+    system_notifications = fields.List(fields.Raw(), allow_none=True)
+
+
+_DOOR_BATCH = _DoorBatchSchema()
+_DOOR_BATCH_FIELDS = ("consent_state", "platform_fields", "system_notifications")
+
+
 def load_envelope(message: Any) -> dict[str, Any]:
-    """The checked envelope of a parsed message; raises ValidationError."""
+    """The checked envelope of a parsed message; raises ValidationError.
+
+    Besides the envelope, it refuses what the worker could never deliver (`_undeliverable`).
+    """
     if not isinstance(message, dict):
         raise ValidationError({"_schema": ["A Firehose message is a JSON object."]})
     envelope = _plain_envelope(message)
-    return envelope if envelope is not None else _ENVELOPE.load(message)
+    if envelope is None:
+        envelope = _ENVELOPE.load(message)
+    _undeliverable(message, envelope)
+    return envelope
+
+
+def _undeliverable(message: dict[str, Any], envelope: dict[str, Any]) -> None:
+    """Raise ValidationError, naming the field, for a message no attempt could ever deliver.
+
+    Answering 2xx and then dead-lettering the whole message would lose it silently; a 400 tells
+    mParticle (and the customer) at once. Only checks that cost next to nothing are made here;
+    the worker skips and counts the bad parts of the rest (docs/architecture.md, "Shape problems").
+    """
+    settings = (envelope.get("account") or {}).get("account_settings") or {}
+    api_key = settings.get("apiKey")
+    if isinstance(api_key, str) and not is_header_value(api_key):
+        # It goes into the partner call's Authorization header: CR/LF, other control characters
+        # or a character beyond Latin-1 cannot be sent, on this attempt or any other.
+        raise ValidationError(
+            {
+                "account": {
+                    "account_settings": {
+                        "apiKey": ["Not a valid HTTP header value (control character or not Latin-1)."]
+                    }
+                }
+            }
+        )
+    kind = envelope.get("type")
+    if kind == EVENTS:
+        mpid = message.get("mpid")
+        # The schema's load only when there is something to check: most batches have a plain mpid
+        # and none of the other fields, and the request path's CPU is counted.
+        if (mpid is None or type(mpid) is str or type(mpid) is int) and all(
+            message.get(name) is None for name in _DOOR_BATCH_FIELDS
+        ):
+            return
+        errors = _DOOR_BATCH.validate(message)
+        if errors:
+            raise ValidationError(errors)
+    elif kind == SUBSCRIPTION:
+        # A subscription is small: check all of it, as the worker will. An unknown action in
+        # particular could only be guessed at (create, update or tear down the partner's list?).
+        try:
+            parse_subscription(message)
+        except MessageInvalid as exc:
+            raise ValidationError(exc.errors) from None
 
 
 def _plain_envelope(message: dict[str, Any]) -> dict[str, Any] | None:

@@ -23,6 +23,7 @@ Conventions shared by `events.py`, `audiences.py` and `dsr.py`:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -47,9 +48,15 @@ __all__ = [
     "UUIDString",
     "check_message",
     "coerce_setting_value",
+    "exact_float_int",
     "first_error",
+    "is_header_value",
     "load_or_invalid",
+    "number_from_text",
     "parse_identities",
+    "prune_settings_map",
+    "prune_string_lists",
+    "with_coercions",
 ]
 
 
@@ -81,28 +88,59 @@ class DroppedIdentity:
 # --------------------------------------------------------------------------- fields
 
 
+# Numeric strings as the SDK's Jackson coerces them into number fields: plain JSON number text,
+# nothing Python's int()/float() would also take ("1_000", " 7", "nan", "inf"). The digit counts
+# are bounded so a hostile string never costs a big-number parse (int64 has 19 digits).
+_INT_TEXT_RE = re.compile(r"-?[0-9]{1,20}")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_NUMBER_TEXT_RE = re.compile(r"-?[0-9]{1,40}(?:\.[0-9]{1,40})?(?:[eE][+-]?[0-9]{1,3})?")
+
+
 class StrictInt(fields.Integer):
-    """A JSON integer: rejects bools, floats (even 4.0) and numeric strings.
+    """A JSON integer: rejects bools, floats (even 4.0) and, unless `coerce_strings`, strings.
 
     Accepts any Python int, including int64 values beyond 2**53 (orjson produces
-    exact ints), and returns it unchanged.
+    exact ints), and returns it unchanged. With `coerce_strings=True` (event fields, where
+    the SDK's Jackson coerces), a decimal integer string ("123", "-5") becomes its exact
+    int: parsed as text, never through a float. The envelope's own fields stay strict: the
+    door refuses those with a 400 naming them.
     """
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, coerce_strings: bool = False, **kwargs: Any) -> None:
+        self.coerce_strings = coerce_strings
         super().__init__(strict=True, **kwargs)
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int:
         # `type(...) is int` excludes bool (a subclass of int) and is the fast path.
         if type(value) is int:
             return value
+        if self.coerce_strings and type(value) is str and _INT_TEXT_RE.fullmatch(value):
+            number = int(value)
+            if _INT64_MIN <= number <= _INT64_MAX:  # what the SDK's long holds, and orjson writes
+                return number
         raise self.make_error("invalid", input=value)
 
 
-class StrictNumber(fields.Field):
-    """A JSON number (int or float) for decimal amounts; rejects bools and strings.
+def number_from_text(value: str) -> int | float | None:
+    """A JSON number written as a string ("10.00", "-3", "1e3"), or None if it is not one.
 
-    The value is returned as parsed (int stays int) so no precision is lost; the
-    event dicts handed to the mappers are the originals anyway.
+    Integer text becomes an exact int (no float round trip, int64 stays exact); anything with
+    a fraction or exponent a float, which is what the SDK's double fields hold.
+    """
+    if not _NUMBER_TEXT_RE.fullmatch(value):
+        return None
+    if _INT_TEXT_RE.fullmatch(value) and _INT64_MIN <= int(value) <= _INT64_MAX:
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+class StrictNumber(fields.Field):
+    """A JSON number (int or float) for decimal amounts; rejects bools, objects and text.
+
+    The value is returned as parsed (int stays int) so no precision is lost. A numeric
+    string ("10.00") is a number, as the SDK's Jackson coerces it (`number_from_text`); the
+    event handed on carries the number (`with_coercions`).
     """
 
     default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Not a valid number."}
@@ -110,6 +148,10 @@ class StrictNumber(fields.Field):
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int | float:
         if type(value) is int or type(value) is float:
             return value
+        if type(value) is str:
+            number = number_from_text(value)
+            if number is not None:
+                return number
         raise self.make_error("invalid")
 
 
@@ -153,11 +195,18 @@ class UUIDString(fields.Field):
         raise self.make_error("invalid_uuid")
 
 
+# The largest magnitude below which every integral float is exactly one integer.
+_EXACT_FLOAT_INT = 2**53
+
+
 class IdString(fields.Field):
     """An id sent as a string (`mpid`: a signed int64 in decimal).
 
     A JSON integer is accepted too and turned into its exact decimal text, like the
-    SDK's Jackson coercion into String fields would; bools/objects are rejected.
+    SDK's Jackson coercion into String fields would. An integral float within ±2**53
+    (`12.0`) names exactly one integer and becomes its text; any other float (a fraction,
+    or an int64 that went through a double and may name another user), bools and objects
+    are rejected: the door refuses them with a 400 naming the field.
     """
 
     default_error_messages: ClassVar[dict[str, str]] = {"invalid": "Not a valid string."}
@@ -167,7 +216,17 @@ class IdString(fields.Field):
             return value
         if type(value) is int:
             return str(value)
+        exact = exact_float_int(value)
+        if exact is not None:
+            return str(exact)
         raise self.make_error("invalid")
+
+
+def exact_float_int(value: Any) -> int | None:
+    """The integer an integral float within ±2**53 stands for; None for anything else."""
+    if type(value) is float and value.is_integer() and -_EXACT_FLOAT_INT <= value <= _EXACT_FLOAT_INT:
+        return int(value)
+    return None
 
 
 _NOT_SCALAR = object()
@@ -400,3 +459,79 @@ def parse_identities(value: Any, field: str) -> tuple[list[dict[str, str]], list
             path, detail = first_error(exc.messages)
             dropped.append(DroppedIdentity(field, index, f"invalid:{path}", detail))
     return valid, dropped
+
+
+def with_coercions(original: Any, loaded: Any) -> Any:
+    """`original` with the numbers its numeric strings were coerced to by a schema's load.
+
+    Events travel on as the original dicts (unknown keys kept, nothing re-read); only a string
+    the schema turned into a number (`"price": "10.00"` → 10.0, `"session_id": "123"` → 123) is
+    replaced, in a copy, so the partner gets the number the protocol has there. Nothing else
+    changes: a payload that was valid before keeps its exact bytes (and idempotency key).
+    Walks only what the schema loaded, so its depth is the schema's, never the body's.
+    """
+    if isinstance(original, dict) and isinstance(loaded, dict):
+        copy: dict[str, Any] | None = None
+        for key, value in loaded.items():
+            before = original.get(key)
+            after = with_coercions(before, value)
+            if after is not before:
+                if copy is None:
+                    copy = dict(original)
+                copy[key] = after
+        return original if copy is None else copy
+    if isinstance(original, list) and isinstance(loaded, list) and len(original) == len(loaded):
+        items: list[Any] | None = None
+        for index, (before, value) in enumerate(zip(original, loaded, strict=True)):
+            after = with_coercions(before, value)
+            if after is not before:
+                if items is None:
+                    items = list(original)
+                items[index] = after
+        return original if items is None else items
+    if type(original) is str and (type(loaded) is int or type(loaded) is float):
+        return loaded
+    return original
+
+
+def prune_settings_map(value: Any) -> tuple[Any, list[str]]:
+    """A string → scalar map (`user_attributes`) without its entries no SDK could read.
+
+    Returns (the map, the keys left out). An object or array as a value is left out on its own
+    (the rest of the map, and of the message, goes on); a value that is not a map at all is
+    returned as it is, for the schema to report. The map is copied only when something is left out.
+    """
+    if not isinstance(value, dict):
+        return value, []
+    bad = [key for key, item in value.items() if coerce_setting_value(item) is _NOT_SCALAR]
+    if not bad:
+        return value, []
+    return {key: item for key, item in value.items() if key not in bad}, bad
+
+
+def prune_string_lists(value: Any) -> tuple[Any, list[str]]:
+    """`user_attribute_lists` without the lists that are not lists of scalars (or null)."""
+    if not isinstance(value, dict):
+        return value, []
+
+    def readable(items: Any) -> bool:
+        if items is None:
+            return True
+        return isinstance(items, list) and all(coerce_setting_value(item) is not _NOT_SCALAR for item in items)
+
+    bad = [key for key, items in value.items() if not readable(items)]
+    if not bad:
+        return value, []
+    return {key: items for key, items in value.items() if key not in bad}, bad
+
+
+# What an HTTP/1.1 field value may hold (RFC 9110 §5.5): visible ASCII, space and tab, and
+# obs-text. C0 controls (CR and LF above all: header injection), DEL and the C1 controls are not;
+# a character beyond Latin-1 cannot be written into a header at all (http.client encodes
+# Latin-1). The apiKey goes into `Authorization: Bearer <key>`, so it must pass this.
+_HEADER_VALUE_RE = re.compile(r"[\t\x20-\x7e\xa0-\xff]*")
+
+
+def is_header_value(value: str) -> bool:
+    """Whether `value` can be sent as (part of) an HTTP header value."""
+    return _HEADER_VALUE_RE.fullmatch(value) is not None

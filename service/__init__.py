@@ -27,8 +27,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     from service import cookie_sync, errors, firehose, health, metrics, openapi, request_log
     from service.dlq_cli import dlq_cli
     from service.ingest import Ingest
+    from service.registration import registration_for
     from service.send_cli import firehose_cli
 
+    # Built once, at start: every registration request gets the same document.
+    app.extensions["registration"] = registration_for(settings)
     Ingest().init_app(app)
     errors.register_error_handlers(app)
     # Request id and log context first, so every later hook and the view log with them.

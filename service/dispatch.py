@@ -7,6 +7,7 @@ call `dispatch`, so a message is treated the same whichever way mParticle sends 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -23,6 +24,11 @@ from service.registration import registration_response
 log = logging.getLogger(__name__)
 
 
+# orjson writes at most 254 levels of nesting (it reads 1024). Every partner payload is written
+# with orjson (its idempotency key, its body), so a message nested deeper can never be delivered.
+MAX_DEPTH = 254
+
+
 def parse(body: bytes) -> Any:
     try:
         return orjson.loads(body)
@@ -32,10 +38,28 @@ def parse(body: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"Body is not valid JSON: {exc.msg}.") from None
 
 
+def _too_deep(message: Any, body: bytes) -> bool:
+    """Whether the message nests deeper than orjson can write (MAX_DEPTH).
+
+    Counting brackets is a C-speed scan that clears nearly every message at once: fewer than
+    MAX_DEPTH opening brackets in all cannot nest that deep. Only bodies with more pay for a
+    trial write, which stops with an error at the first level too deep.
+    """
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return False
+    try:
+        orjson.dumps(message)
+    except orjson.JSONEncodeError:
+        return True
+    return False
+
+
 def _has_work(kind: str, message: dict[str, Any]) -> bool:
     """False for verification traffic, which gets a normal answer and is not queued."""
     if kind == EVENTS:
-        return _non_empty_list(message, "events")
+        # A batch of consent notifications and no events (3.2.0 `allow_eventless_batches`) is
+        # real work; only a batch with neither is verification traffic.
+        return _non_empty_list(message, "events") or _non_empty_list(message, "system_notifications")
     if kind == MEMBERSHIP:
         return _non_empty_list(message, "user_profiles")
     return True
@@ -73,8 +97,12 @@ def _response_fields(
     return {}
 
 
-def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> tuple[int, dict[str, Any]]:
+def dispatch(
+    message: Any, body: bytes, ingest: Ingest, *, authorized: bool, registration: Mapping[str, Any]
+) -> tuple[int, dict[str, Any]]:
     """(status, response message) for a parsed message whose raw bytes are `body`.
+
+    `registration` is the app's registration body (service.registration.registration_for).
 
     Raises ApiError for anything that is not a 2xx.
     """
@@ -87,6 +115,11 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
             "Missing or wrong 'Authorization: Token <token>' header.",
             headers={"WWW-Authenticate": "Token"},
         )
+    # After the token: a caller without one learns nothing about the body (401 first).
+    if _too_deep(message, body):
+        raise ApiError(
+            400, "invalid_json", f"Body nests deeper than {MAX_DEPTH} levels; nothing that deep can be sent on."
+        )
     if isinstance(kind, str) and kind in RESPONSE_TYPES:
         raise ApiError(400, "unsupported_type", f"'{kind}' is a response type; send a request.")
     if isinstance(kind, str) and kind not in REQUEST_TYPES:
@@ -97,7 +130,7 @@ def dispatch(message: Any, body: bytes, ingest: Ingest, *, authorized: bool) -> 
         raise ApiError(400, "invalid_envelope", "Invalid message envelope.", exc.messages_dict) from None
 
     if kind == REGISTRATION:
-        return 200, registration_response()
+        return 200, registration_response(registration)
 
     response_type, status = RESPONSES[kind]
     suspended: bool | None = None

@@ -33,5 +33,7 @@ def receive(_anything: str | None = None) -> Response:
     )
     message = parse(body)
     note_message(message)
-    status, answer = dispatch(message, body, app_ingest(), authorized=authorized)
+    status, answer = dispatch(
+        message, body, app_ingest(), authorized=authorized, registration=current_app.extensions["registration"]
+    )
     return json_response(answer, status)

@@ -71,6 +71,7 @@ def make_handler(app: Flask) -> Handler:
     """A handler bound to one app's settings and Ingest (so one Redis pool per container)."""
     ingest = app_ingest(app)
     max_body_bytes: int = app.config["SETTINGS"].max_body_bytes
+    registration = app.extensions["registration"]
 
     def handler(event: Any, context: Any) -> dict[str, Any]:
         request_id = getattr(context, "aws_request_id", None)
@@ -82,7 +83,7 @@ def make_handler(app: Flask) -> Handler:
             message = parse(body)
             if isinstance(message, dict):
                 message_id = message.get("id")
-            status, answer = dispatch(message, body, ingest, authorized=True)
+            status, answer = dispatch(message, body, ingest, authorized=True, registration=registration)
         except ApiError as error:
             _log(request_id, message_id, error.status)
             if error.status >= 500:

@@ -139,7 +139,7 @@ REQUEST_SCHEMAS: dict[str, type[Schema]] = {
 
 
 class ModuleRegistrationResponseSchema(ResponseEnvelopeSchema):
-    type = _kind(REGISTRATION_RESPONSE, "The integration's description (service/module_registration.json).")
+    type = _kind(REGISTRATION_RESPONSE, "The integration's description (REGISTRATION_* settings).")
     sdk_version = fields.String()
     name = fields.String()
     version = fields.String()

@@ -5,14 +5,24 @@ before a `delete` could otherwise be acknowledged after it. Two rules prevent th
 
 1. One member call per (partner API key, audience) in flight at a time: a lock in Redis.
    With calls serialised, the partner acknowledges them in the order we send them.
-2. Under that lock, a change older than (or as old as) the newest change the partner already
+2. Under that lock, a change strictly older than the newest change the partner already
    acknowledged for the same user and audience is dropped before sending: the `applied` hash
-   keeps, per user, the `timestamp_ms` of the last acknowledged change.
+   keeps, per user, the `timestamp_ms` of the last acknowledged change. A change *as old as* it
+   is sent: mParticle stamps a message to the millisecond, so an `add` and a `delete` of one
+   user can share a timestamp, and then the one that arrives last must win (arrival order),
+   not the one that happened to be acknowledged first.
 
 So the sequence the partner applies only ever moves each user forward in time, and ends in
 the state of the newest change mParticle sent. The audience's own changes (subscription add,
 update, remove) take the same lock and keep their own timestamp in the same hash, so a late
-`add` never undoes a newer `update`.
+`add` never undoes a newer `update`. A `remove` also keeps its timestamp in a field of its own:
+the partner deleted the audience with all its members then, so a member change older than it
+(a late retry) is dropped rather than recreating the audience; member changes and subscription
+`add`s newer than it recreate it.
+
+Within one message a user's changes to one audience collapse into one (`collapse_changes`): the
+last `add`/`delete` decides membership, and attribute changes travel with the membership they
+belong to, so an `add` followed by an `attribute_update` is an `add` carrying those attributes.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ from typing import Any
 import redis
 
 from common.keys import Keys
-from workers.partner.base import Operation
+from workers.partner.base import Operation, OperationKind
 
 # Take the lock, or say how long its holder may keep it (ms): one round trip either way.
 _ACQUIRE = """
@@ -59,6 +69,10 @@ return 1
 # The applied hash's field for the audience itself (created, renamed, removed): users' fields are
 # "mpid:…" or "<identities>:…", never this.
 SUBSCRIPTION_FIELD = "subscription"
+# The newest acknowledged `remove` of the audience: member changes older than it are dropped. Kept
+# apart from SUBSCRIPTION_FIELD because a later `add` moves that one on, and a member change from
+# before the remove must stay dropped even then (the partner deleted its user with the audience).
+REMOVED_FIELD = "subscription:removed"
 
 # How long the applied timestamps are kept after the audience last changed: longer than any
 # message can be retried or replayed (mParticle's data age is 24 h; dead letters may wait longer).
@@ -120,23 +134,26 @@ class AudienceGuard:
             self._release(keys=[lock], args=[token])
 
     def fresh_changes(self, operation: Operation) -> Operation | None:
-        """The operation without the changes the partner already has something newer for."""
+        """The operation without the changes the partner already has something newer for: one change
+        per user (`collapse_changes`), none strictly older than the user's last acknowledged change
+        or than the audience's last acknowledged `remove`."""
         _, applied = self._names(operation)
-        latest: dict[str, dict[str, Any]] = {}
-        for change in operation.payload["changes"]:
-            # Within one message, the last change for a user is the one that counts.
-            latest[user_key(change["user"])] = change
+        changes: list[dict[str, Any]] = operation.payload["changes"]
+        latest = collapse_changes(changes)
         users = list(latest)
-        seen = self.client.hmget(applied, users) if users else []
+        # One round trip: the audience's removal first, then each user's last acknowledged change.
+        removed, *seen = self.client.hmget(applied, [REMOVED_FIELD, *users])
+        removed_ms = -1 if removed is None else int(removed)
         fresh = [
             change
-            for user, change, ts in zip(users, latest.values(), seen, strict=True)
-            if ts is None or change["timestamp_ms"] > int(ts)
+            for change, ts in zip(latest.values(), seen, strict=True)
+            # Equal timestamps are not stale: arrival order decides between them (module docstring).
+            if change["timestamp_ms"] >= removed_ms and (ts is None or change["timestamp_ms"] >= int(ts))
         ]
         if not fresh:
             return None
-        if len(fresh) == len(operation.payload["changes"]):
-            return operation
+        if len(fresh) == len(changes) and all(a is b for a, b in zip(fresh, changes, strict=True)):
+            return operation  # nothing dropped or merged: the very same operation, and key
         payload = dict(operation.payload, changes=fresh)
         return dataclasses.replace(operation, payload=payload)
 
@@ -158,7 +175,47 @@ class AudienceGuard:
         return seen is not None and operation.timestamp_ms < int(seen)
 
     def record_subscription(self, operation: Operation) -> None:
-        """The partner acknowledged this change of the audience: the newest it has."""
+        """The partner acknowledged this change of the audience: the newest it has. A `remove` is
+        also the point before which no member change may reach the partner any more."""
         if operation.timestamp_ms is not None:
             _, applied = self._names(operation)
-            self._record(keys=[applied], args=[APPLIED_TTL_SECONDS, SUBSCRIPTION_FIELD, operation.timestamp_ms])
+            args: list[Any] = [APPLIED_TTL_SECONDS, SUBSCRIPTION_FIELD, operation.timestamp_ms]
+            if operation.kind is OperationKind.AUDIENCE_DELETE:
+                args += [REMOVED_FIELD, operation.timestamp_ms]
+            self._record(keys=[applied], args=args)
+
+
+def collapse_changes(changes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One change per user (by `user_key`, in order of first appearance) from one message's changes.
+
+    The last `add` or `delete` decides membership, as the partner would end up applying them in
+    order. Attribute changes go with the membership they belong to: after an `add` (or another
+    attribute change) they are appended to it, so "added, then updated" becomes an `add` carrying
+    the attributes; the partner ignores attribute updates of non-members, and an update sent on
+    its own after the `add` was collapsed away would have left the user out. After a `delete` they
+    are dropped: the user is not a member, the partner would ignore them too. Unmerged changes are
+    returned as they are (the same objects), so an operation with nothing to merge keeps its key.
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for change in changes:
+        user = user_key(change["user"])
+        previous = latest.get(user)
+        latest[user] = change if previous is None else _merge(previous, change)
+    return latest
+
+
+def _merge(previous: dict[str, Any], change: dict[str, Any]) -> dict[str, Any]:
+    """`change` after `previous`, for the same user and audience in one message."""
+    action = change["action"]
+    if action == "delete":
+        return change
+    if previous["action"] == "delete":
+        # An `add` after a `delete` starts over; an attribute update of a non-member is moot.
+        return change if action == "add" else previous
+    # add/update_attributes after add/update_attributes: an `add` anywhere makes the user a member.
+    merged = dict(change, action="add" if "add" in (action, previous["action"]) else action)
+    merged["timestamp_ms"] = max(previous["timestamp_ms"], change["timestamp_ms"])
+    attributes = list(previous.get("attributes") or []) + list(change.get("attributes") or [])
+    if attributes:
+        merged["attributes"] = attributes
+    return merged

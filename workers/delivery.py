@@ -22,6 +22,7 @@ The Celery tasks (workers/tasks.py) apply the Decision: reschedule, dead-letter,
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections import Counter
@@ -34,12 +35,14 @@ import orjson
 
 from common import stats
 from common.config import Settings
-from schemas.fields import MessageInvalid
+from schemas.fields import MessageInvalid, is_header_value
 from workers import units
 from workers.gate import CallResult, Hold, Ticket
 from workers.mapping import PermanentFailure, plan_message
 from workers.partner.base import Operation, OperationKind, PartnerResult
 from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
 
 # A deferral comes back a little after its wait, by a random amount up to this share of it (at
 # least _DEFER_JITTER_MIN_SECONDS, at most _DEFER_JITTER_MAX_SECONDS): a herd held together (an
@@ -91,7 +94,12 @@ class DeadReason(StrEnum):
     MAX_AGE = "max_age"
     INVALID_JSON = "invalid_json"
     INVALID_MESSAGE = "invalid_message"
+    INVALID_API_KEY = "invalid_api_key"  # cannot be an HTTP header value (control character, not Latin-1)
+    UNSERIALISABLE = "unserialisable"  # its payload cannot be written as JSON (nested too deep)
     INTERNAL_ERROR = "internal_error"
+
+
+_INVALID_API_KEY_DETAIL = "account.account_settings.apiKey is not a valid HTTP header value"
 
 
 RETRY_REASON = "partner_transient"
@@ -460,22 +468,30 @@ def _plan_one(body: str) -> tuple[Member, dict[str, int]] | Rejected:
         except units.UnitInvalid as exc:
             return Rejected(body, *units.identify(message), DeadReason.INVALID_MESSAGE, str(exc)[:500])
         op = unit.operation
+        if not is_header_value(op.api_key):
+            return Rejected(body, *units.identify(message), DeadReason.INVALID_API_KEY, _INVALID_API_KEY_DETAIL)
         return Member(body, unit.message_id, unit.account_id, unit.message_type, (op,), (op.idempotency_key(),)), {}
     try:
         planned = plan_message(message)
+        operations = tuple(planned.operations)
+        bad_key = next((op for op in operations if not is_header_value(op.api_key)), None)
+        if bad_key is not None:
+            # Its Authorization header cannot be written: no attempt would ever get through.
+            return Rejected(body, *identify(message), DeadReason.INVALID_API_KEY, _INVALID_API_KEY_DETAIL)
+        # Serialising each operation here (its idempotency key) is what lets a group's call be
+        # made of members that all serialise: a merged payload nests no deeper than its parts.
+        marks = tuple(op.idempotency_key() for op in operations)
     except MessageInvalid as exc:
         return Rejected(body, *identify(message), DeadReason.INVALID_MESSAGE, str(exc)[:500])
     except PermanentFailure as exc:
         return Rejected(body, *identify(message), exc.reason, exc.detail)
-    operations = tuple(planned.operations)
-    member = Member(
-        body,
-        planned.message_id,
-        planned.account_id,
-        planned.message_type,
-        operations,
-        tuple(op.idempotency_key() for op in operations),
-    )
+    except orjson.JSONEncodeError as exc:
+        # Nested deeper than orjson writes (254 levels; the door refuses those since it checks).
+        return Rejected(body, *identify(message), DeadReason.UNSERIALISABLE, str(exc)[:500])
+    except Exception as exc:  # one member's fault must not take its group's
+        log.exception("plan_failed", extra={"event": "plan_failed", "error": type(exc).__name__})
+        return Rejected(body, *identify(message), DeadReason.INTERNAL_ERROR, type(exc).__name__)
+    member = Member(body, planned.message_id, planned.account_id, planned.message_type, operations, marks)
     return member, planned.skipped
 
 

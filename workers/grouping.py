@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from common.keys import partner_key
+from schemas.fields import is_header_value
 from schemas.messages import EVENTS
 
 # The inbox entry type of a group of event batches that failed together and is retried as one:
@@ -77,9 +78,33 @@ def _event_group_key(body: str) -> tuple[str, int] | None:
         return None
     api_key = _api_key(message)
     events = message.get("events")
-    if api_key is None or not isinstance(events, list):
-        return None  # the single-message path dead-letters it with the reason
+    if events is None:
+        events = []  # an eventless batch (notifications only) shares a call like any other
+    if api_key is None or not isinstance(events, list) or not is_header_value(api_key):
+        # The single-message path dead-letters it with the reason; alone, so it never shares
+        # an attempt with a neighbour (an apiKey no header can carry: invalid_api_key).
+        return None
     return partner_key(api_key), len(events)
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> tuple[str, str, int, int, str | None]:
+    """(body, type, attempt, first seen ms, task id) of an entry; raises ValueError if unreadable."""
+    body = fields[b"body"].decode() if b"body" in fields else ""
+    kind = fields.get(b"type", b"").decode()
+    attempt = int(fields.get(b"attempt", b"1"))
+    # A stream id starts with the time Redis stored the entry: for a new message, the
+    # moment it was accepted, from which its maximum age counts.
+    first_seen = int(fields.get(b"first_seen") or entry_id.split(b"-")[0])
+    task_id = fields.get(b"id", b"").decode() or None
+    return body, kind, attempt, first_seen, task_id
+
+
+def _group_members(body: str) -> list[str]:
+    """A retried group's member bodies; raises ValueError if the entry holds no such list."""
+    members = orjson.loads(body)
+    if not isinstance(members, list) or not members or not all(isinstance(m, str) for m in members):
+        raise ValueError("a group entry holds a list of message bodies")
+    return members
 
 
 def plan_jobs(entries: list[tuple[bytes, dict[bytes, bytes]]], max_messages: int, max_events: int) -> list[Job]:
@@ -88,15 +113,17 @@ def plan_jobs(entries: list[tuple[bytes, dict[bytes, bytes]]], max_messages: int
     open_groups: dict[str, Job] = {}
     open_events: dict[str, int] = {}
     for entry_id, fields in entries:
-        body = fields[b"body"].decode()
-        kind = fields.get(b"type", b"").decode()
-        attempt = int(fields.get(b"attempt", b"1"))
-        # A stream id starts with the time Redis stored the entry: for a new message, the
-        # moment it was accepted, from which its maximum age counts.
-        first_seen = int(fields.get(b"first_seen") or entry_id.split(b"-")[0])
-        task_id = fields.get(b"id", b"").decode() or None
-        if kind == GROUP:
-            jobs.append(Job("events", orjson.loads(body), attempt, first_seen, task_id, [entry_id]))
+        try:
+            body, kind, attempt, first_seen, task_id = _entry(entry_id, fields)
+            members = _group_members(body) if kind == GROUP else None
+        except (ValueError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            # An entry that cannot be read (a replayed letter written by hand, say) goes alone,
+            # where the task dead-letters it with its reason; it never fails the round's others.
+            body = fields.get(b"body", b"").decode(errors="replace")
+            jobs.append(Job("single", [body], 1, int(entry_id.split(b"-")[0]), None, [entry_id]))
+            continue
+        if members is not None:
+            jobs.append(Job("events", members, attempt, first_seen, task_id, [entry_id]))
             continue
         grouping = _event_group_key(body) if kind == EVENTS and max_messages > 1 else None
         if grouping is None:

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.audiences import parse_membership_change, parse_subscription
-from schemas.dsr import parse_dsr
-from schemas.events import parse_event_batch
+from schemas.dsr import event_side_identities, parse_dsr
+from schemas.events import EventBatch, parse_event_batch
 from schemas.messages import DSR, EVENTS, MEMBERSHIP, SUBSCRIPTION
 from workers.partner.base import Operation, OperationKind
 
@@ -59,28 +59,44 @@ def _user(profile: Any) -> dict[str, Any]:
     }
 
 
-def plan_events(message: dict[str, Any]) -> Plan:
-    batch = parse_event_batch(message)
-    plan = Plan(batch.message_id, batch.account_id, skipped=_count([s.reason for s in batch.skipped]))
-    if not batch.events:
-        return plan
+def _event_batch_payload(batch: EventBatch) -> dict[str, Any]:
+    """One batch of the `POST /v1/events` payload: every §6.1 field a partner may act on
+    (docs/partner-api.md, "Which fields of mParticle's batch travel"). Absent fields keep
+    their key (null, {} or []), so a partner never has to tell "missing" from "empty"."""
     user = _user(batch) | {
         "attributes": batch.user_attributes,
         "attribute_lists": batch.user_attribute_lists,
     }
-    payload = {
-        "batches": [
-            {
-                "message_id": batch.message_id,
-                "account_id": batch.account_id,
-                "timestamp_ms": batch.timestamp_ms,
-                "source_channel": batch.source_channel,
-                "user": user,
-                "device": batch.runtime_environment,
-                "events": batch.events,
-            }
-        ]
+    return {
+        "message_id": batch.message_id,
+        "account_id": batch.account_id,
+        "timestamp_ms": batch.timestamp_ms,
+        # The shape of what follows depends on it (e.g. consent records' `timestamp` before 1.10).
+        "firehose_version": batch.firehose_version,
+        "source_id": batch.source_id,
+        "source_channel": batch.source_channel,
+        "user": user,
+        "device": batch.runtime_environment,
+        "device_application_stamp": batch.device_application_stamp,
+        "integration_attributes": batch.integration_attributes,
+        "platform_fields": batch.platform_fields,
+        # The snapshot the events were collected under, and the changes that led to it.
+        "consent_state": batch.consent_state,
+        "system_notifications": batch.system_notifications,
+        "events": batch.events,
     }
+
+
+def plan_events(message: dict[str, Any]) -> Plan:
+    batch = parse_event_batch(message)
+    reasons = [s.reason for s in batch.skipped] + [s.reason for s in batch.skipped_notifications]
+    reasons += batch.dropped_fields  # batch fields left out for their shape: counted the same way
+    plan = Plan(batch.message_id, batch.account_id, skipped=_count(reasons))
+    # A consent change is work even without events (3.2.0 eventless batches): the partner must
+    # learn of a withdrawal whether or not the user did anything else.
+    if not batch.events and not batch.system_notifications:
+        return plan
+    payload = {"batches": [_event_batch_payload(batch)]}
     plan.operations.append(
         Operation(OperationKind.EVENTS, payload, _api_key(batch.account_settings), message_id=batch.message_id)
     )
@@ -91,31 +107,22 @@ def plan_subscription(message: dict[str, Any]) -> Plan:
     sub = parse_subscription(message)
     plan = Plan(sub.message_id, sub.account_id)
     api_key = _api_key(sub.account_settings)
-    if sub.action == "remove":
-        op = Operation(
-            OperationKind.AUDIENCE_DELETE,
-            {"account_id": sub.account_id},
-            api_key,
-            sub.audience_id,
-            sub.message_id,
-            timestamp_ms=sub.timestamp_ms,
-        )
-    else:
-        payload = {
-            "account_id": sub.account_id,
-            "name": sub.audience_name,
-            "description": sub.audience_description,
-            "settings": sub.settings,
-        }
-        op = Operation(
-            OperationKind.AUDIENCE_UPSERT,
-            payload,
-            api_key,
-            sub.audience_id,
-            sub.message_id,
-            timestamp_ms=sub.timestamp_ms,
-        )
-    plan.operations.append(op)
+    # The audience as mParticle describes it, on every change of it: a `remove` too, so the partner
+    # knows which of its lists to delete (its own id is in the settings it returned on `add`).
+    # `previous_settings` is new in these payloads, and payloads go into idempotency keys: messages
+    # planned before it got new keys, which only matters for a message in flight across a deploy
+    # (the partner then sees it twice, under two keys; a repeat of the same audience state).
+    payload = {
+        "account_id": sub.account_id,
+        "name": sub.audience_name,
+        "description": sub.audience_description,
+        "settings": sub.settings,
+        "previous_settings": sub.previous_settings,
+    }
+    kind = OperationKind.AUDIENCE_DELETE if sub.action == "remove" else OperationKind.AUDIENCE_UPSERT
+    plan.operations.append(
+        Operation(kind, payload, api_key, sub.audience_id, sub.message_id, timestamp_ms=sub.timestamp_ms)
+    )
     return plan
 
 
@@ -126,6 +133,9 @@ def plan_membership(message: dict[str, Any]) -> Plan:
     change = parse_membership_change(message)
     plan = Plan(change.message_id, change.account_id, skipped=_count(list(change.skipped)))
     by_audience: dict[int, list[dict[str, Any]]] = {}
+    # Each audience's name and settings as the message gives them (every entry of an audience
+    # carries them; the last one non-empty counts): the partner's list id is in the settings.
+    described: dict[int, dict[str, Any]] = {}
     for profile in change.profiles:
         for audience in profile.audiences:
             entry: dict[str, Any] = {
@@ -133,14 +143,25 @@ def plan_membership(message: dict[str, Any]) -> Plan:
                 "timestamp_ms": change.timestamp_ms,
                 "user": _user(profile),
             }
-            if audience.action == "attribute_update":
+            # Attributes ride on `add` too (the user joins with them). Only when there are some, so
+            # an `add` without attributes keeps the payload, and the idempotency key, it always had.
+            if audience.action == "attribute_update" or (audience.action == "add" and audience.user_attributes):
                 entry["attributes"] = audience.user_attributes
             by_audience.setdefault(audience.audience_id, []).append(entry)
+            about = described.setdefault(audience.audience_id, {"name": None, "settings": {}})
+            if audience.audience_name is not None:
+                about["name"] = audience.audience_name
+            if audience.settings:
+                about["settings"] = audience.settings
     if not by_audience:
         return plan
     api_key = _api_key(change.account_settings)
     for audience_id, changes in sorted(by_audience.items()):
-        payload = {"account_id": change.account_id, "changes": changes}
+        # `audience` is new in these payloads, and payloads go into idempotency keys: fine for new
+        # messages. A message in flight across the deploy gets a new key and may reach the partner
+        # a second time; the audience guard (workers/audiences.py) still drops whatever of it the
+        # partner has a newer change for.
+        payload = {"account_id": change.account_id, "audience": described[audience_id], "changes": changes}
         plan.operations.append(Operation(OperationKind.MEMBERS, payload, api_key, audience_id, change.message_id))
     return plan
 
@@ -151,12 +172,22 @@ def plan_dsr(message: dict[str, Any]) -> Plan:
     if request.request_type != "erasure":
         plan.skipped = {f"unsupported_dsr_type:{request.request_type}": 1}
         return plan
-    payload = {
+    # The partner stores the user under the names and encodings the events carried (a sha256
+    # email, google_advertising_id, ...): the erasure speaks the same, not OpenDSR.
+    identities, mismatched = event_side_identities(request.identities)
+    payload: dict[str, Any] = {
         "account_id": request.account_id,
         "request_id": request.request_id,
         "regulation": request.regulation,
-        "identities": request.identities,
+        "identities": identities,
     }
+    if request.submitted_time_ms is not None:
+        payload["submitted_time_ms"] = request.submitted_time_ms
+    # An unreadable submitted_time is left out, not refused: a 400 would make mParticle drop the
+    # erasure for good, and the partner can erase without it. Counted, as is an identity the
+    # events' encoding could not be reached for (e.g. an md5 value where events carry sha256).
+    reasons = list(request.warnings) + ["dsr_identity_encoding_mismatch"] * mismatched
+    plan.skipped = _count(reasons)
     plan.operations.append(
         Operation(OperationKind.ERASE, payload, _api_key(request.account_settings), message_id=request.message_id)
     )

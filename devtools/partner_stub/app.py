@@ -25,6 +25,7 @@ from devtools.partner_stub.state import (
     StoredResponse,
     StubState,
     validate_audience,
+    validate_audience_delete,
     validate_erasure,
     validate_events,
     validate_member_changes,
@@ -231,9 +232,11 @@ def create_stub_app(config: StubConfig | Mapping[str, Any] | None = None) -> Fla
 
     @app.delete("/v1/audiences/<audience_id>")
     def delete_audience(audience_id: str) -> Response:
-        # A body is optional here (and ignored), so no Content-Type requirement.
+        # A body is optional here (the audience as mParticle describes it), so no Content-Type requirement.
+        body = validate_audience_delete(g.body)
+
         def apply() -> tuple[int, dict[str, Any]]:
-            state.delete_audience(g.key_sha, audience_id)
+            state.delete_audience(g.key_sha, audience_id, body)
             return 200, {"audience_id": _audience_id_out(audience_id), "deleted": True}
 
         return _idempotent(apply)
@@ -243,10 +246,11 @@ def create_stub_app(config: StubConfig | Mapping[str, Any] | None = None) -> Fla
         body = _json_body()
         changes = validate_member_changes(body)
         account_id = body.get("account_id")
+        described = body.get("audience")
         return _idempotent(
             lambda: (
                 200,
-                {"applied": state.apply_member_changes(g.key_sha, audience_id, account_id, changes)},
+                {"applied": state.apply_member_changes(g.key_sha, audience_id, account_id, changes, described)},
             )
         )
 

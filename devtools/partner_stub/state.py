@@ -57,6 +57,14 @@ def validate_events(body: Any) -> list[dict[str, Any]]:
     for b_index, batch in enumerate(batches):
         batch = _require_object(batch, f"batches[{b_index}]")
         events = _require_list(batch, "events", f"batches[{b_index}]")
+        # Consent travels next to the events (docs/partner-api.md); both keys may be absent.
+        if batch.get("consent_state") is not None and not isinstance(batch["consent_state"], dict):
+            raise PayloadError(f"batches[{b_index}]: 'consent_state' must be a JSON object or null")
+        notifications = batch.get("system_notifications") or []
+        if not isinstance(notifications, list):
+            raise PayloadError(f"batches[{b_index}]: 'system_notifications' must be a list")
+        for n_index, notification in enumerate(notifications):
+            _require_object(notification, f"batches[{b_index}].system_notifications[{n_index}]")
         for e_index, event in enumerate(events):
             where = f"batches[{b_index}].events[{e_index}]"
             event = _require_object(event, where)
@@ -89,10 +97,33 @@ def user_key(user: Any) -> str:
     raise PayloadError("'user' has neither an mpid nor any identity")
 
 
+def user_identity_keys(user: Any) -> frozenset[tuple[str, str, str]]:
+    """A user's identities as (type, encoding, value), its mpid as ("mpid", "raw", mpid).
+
+    Lenient: the events route does not validate `user`, and a malformed one just matches nothing.
+    """
+    if not isinstance(user, dict):
+        return frozenset()
+    keys: set[tuple[str, str, str]] = set()
+    mpid = user.get("mpid")
+    if isinstance(mpid, (str, int)) and not isinstance(mpid, bool) and mpid != "":
+        keys.add(("mpid", "raw", str(mpid)))
+    for list_name in IDENTITY_LISTS:
+        identities = user.get(list_name)
+        for identity in identities if isinstance(identities, list) else []:
+            if isinstance(identity, dict):
+                kind, encoding, value = identity.get("type"), identity.get("encoding"), identity.get("value")
+                if isinstance(kind, str) and isinstance(encoding, str) and isinstance(value, str):
+                    keys.add((kind, encoding, value))
+    return frozenset(keys)
+
+
 def validate_member_changes(body: Any) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """Return (action, user key, attribute actions) per change, in list order."""
     body = _require_object(body, "body")
     changes = _require_list(body, "changes", "body")
+    if body.get("audience") is not None:
+        _validate_audience_fields(_require_object(body["audience"], "'audience'"), "'audience.")
     parsed = []
     for index, change in enumerate(changes):
         where = f"changes[{index}]"
@@ -128,14 +159,27 @@ def validate_erasure(body: Any) -> dict[str, Any]:
     return body
 
 
-def validate_audience(body: Any) -> dict[str, Any]:
-    body = _require_object(body, "body")
-    settings = body.get("settings")
-    if settings is not None and not isinstance(settings, dict):
-        raise PayloadError("'settings' must be a JSON object or null")
+def _validate_audience_fields(body: dict[str, Any], where: str = "'") -> None:
+    for key in ("settings", "previous_settings"):
+        value = body.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise PayloadError(f"{where}{key}' must be a JSON object or null")
     name = body.get("name")
     if name is not None and not isinstance(name, str):
-        raise PayloadError("'name' must be a string or null")
+        raise PayloadError(f"{where}name' must be a string or null")
+
+
+def validate_audience(body: Any) -> dict[str, Any]:
+    body = _require_object(body, "body")
+    _validate_audience_fields(body)
+    return body
+
+
+def validate_audience_delete(body: Any) -> dict[str, Any]:
+    """A DELETE's body is optional (no Content-Type required): anything but a JSON object is no body."""
+    if not isinstance(body, dict):
+        return {}
+    _validate_audience_fields(body)
     return body
 
 
@@ -165,6 +209,14 @@ class StubState:
         self.audiences: dict[str, dict[str, Any]] = {}
         self.members: dict[str, dict[str, dict[str, Any]]] = {}
         self.erased: list[dict[str, Any]] = []
+        # API key hash → event id → the identities of the user the event came with, so an
+        # erasure can find that user's events (erase()).
+        self.event_users: dict[str, dict[str, frozenset[tuple[str, str, str]]]] = {}
+        # "<api_key_sha256>:<user key>" -> the newest consent_state seen for that user, and
+        # -> every system notification received for them, in arrival order.
+        self.consent: dict[str, dict[str, Any]] = {}
+        self.notifications: dict[str, list[dict[str, Any]]] = {}
+        self.eventless_batches = 0
         self.idempotency: dict[tuple[str, str, str, str], StoredResponse] = {}
 
     # --- request log -------------------------------------------------------
@@ -241,15 +293,39 @@ class StubState:
 
     def apply_events(self, key_sha: str, batches: list[dict[str, Any]]) -> int:
         per_key = self.events_by_key.setdefault(key_sha, {})
+        owners = self.event_users.setdefault(key_sha, {})
         accepted = 0
         for batch in batches:
             self.event_batches += 1
+            if not batch["events"]:
+                self.eventless_batches += 1
+            self._apply_consent(key_sha, batch)
+            owner = user_identity_keys(batch.get("user"))  # one set per batch, shared by its events
             for event in batch["events"]:
                 event_id = str(event["id"])
+                owners[event_id] = owner
                 self.events[event_id] = self.events.get(event_id, 0) + 1
                 per_key[event_id] = per_key.get(event_id, 0) + 1
                 accepted += 1
         return accepted
+
+    def _apply_consent(self, key_sha: str, batch: dict[str, Any]) -> None:
+        ukey = f"{key_sha}:{_batch_user_key(batch.get('user'))}"
+        state = batch.get("consent_state")
+        timestamp = batch.get("timestamp_ms")
+        current = self.consent.get(ukey)
+        # Batches can arrive out of order (retries); a partner keeps the newest snapshot, and a
+        # batch without one says nothing about consent (absent is not withdrawn).
+        if state is not None and (current is None or _newer(timestamp, current["timestamp_ms"])):
+            self.consent[ukey] = {
+                "consent_state": state,
+                "timestamp_ms": timestamp,
+                "message_id": batch.get("message_id"),
+            }
+        for notification in batch.get("system_notifications") or []:
+            self.notifications.setdefault(ukey, []).append(
+                {"message_id": batch.get("message_id"), "notification": notification}
+            )
 
     def put_audience(self, key_sha: str, audience_id: str, body: dict[str, Any]) -> None:
         akey = f"{key_sha}:{audience_id}"
@@ -258,22 +334,26 @@ class StubState:
             "name": body.get("name"),
             "description": body.get("description"),
             "settings": body.get("settings") or {},
+            # What an `update` changed from, as mParticle said (null: it did not say).
+            "previous_settings": body.get("previous_settings"),
             "deleted": False,
             "implicit": False,
         }
         self.members.setdefault(akey, {})
 
-    def delete_audience(self, key_sha: str, audience_id: str) -> None:
+    def delete_audience(self, key_sha: str, audience_id: str, body: dict[str, Any] | None = None) -> None:
+        body = body or {}
         akey = f"{key_sha}:{audience_id}"
         audience = self.audiences.get(akey)
         if audience is None:
             # Remember the delete even for an audience never seen, so tests can
-            # tell "delete arrived" from "delete never sent".
+            # tell "delete arrived" from "delete never sent"; the body says what it was.
             audience = {
-                "account_id": None,
-                "name": None,
-                "description": None,
-                "settings": {},
+                "account_id": body.get("account_id"),
+                "name": body.get("name"),
+                "description": body.get("description"),
+                "settings": body.get("settings") or {},
+                "previous_settings": body.get("previous_settings"),
                 "implicit": True,
             }
             self.audiences[akey] = audience
@@ -286,24 +366,34 @@ class StubState:
         audience_id: str,
         account_id: Any,
         changes: list[tuple[str, str, list[dict[str, Any]]]],
+        described: dict[str, Any] | None = None,
     ) -> int:
+        """Apply member changes in order. `described` is the call's `audience` (name, settings): an
+        audience created implicitly takes them; an existing one keeps its own (only PUT changes them)
+        and shows the last call's as `member_call_audience`."""
+        described = described or {}
         akey = f"{key_sha}:{audience_id}"
         audience = self.audiences.get(akey)
         if audience is None or audience["deleted"]:
             # Membership can outrun the audience's PUT (different queues), so a
             # partner creates the audience on first sight rather than refusing.
             previous = audience or {}
-            self.audiences[akey] = {
+            self.audiences[akey] = audience = {
                 "account_id": previous.get("account_id", account_id),
-                "name": previous.get("name"),
+                "name": described.get("name") or previous.get("name"),
                 "description": previous.get("description"),
-                "settings": previous.get("settings", {}),
+                "settings": described.get("settings") or previous.get("settings", {}),
+                "previous_settings": None,
                 "deleted": False,
                 "implicit": True,
             }
+        if described:
+            audience["member_call_audience"] = {"name": described.get("name"), "settings": described.get("settings")}
         members = self.members.setdefault(akey, {})
         for action, ukey, attributes in changes:
             if action == "add":
+                # A user joins with the attributes the add carries; an add of a member applies
+                # them to the attributes it has.
                 member = members.setdefault(ukey, {"attributes": {}})
                 _apply_attributes(member["attributes"], attributes)
             elif action == "delete":
@@ -317,13 +407,50 @@ class StubState:
         return len(changes)
 
     def erase(self, key_sha: str, body: dict[str, Any]) -> None:
+        """Delete what the customer sent about the users these identities name: their events,
+        audience memberships and consent records.
+
+        Matching is by exact (type, encoding, value), `mpid` included: a partner holds only what
+        the events and membership changes gave it, so an erasure in any other naming or encoding
+        finds nothing, which is what the relay's tests must be able to see.
+        """
+        wanted = {
+            (i["type"], i["encoding"], i["value"])
+            for i in body["identities"]
+            if isinstance(i.get("type"), str) and isinstance(i.get("encoding"), str) and isinstance(i.get("value"), str)
+        }
+        owners = self.event_users.get(key_sha, {})
+        per_key = self.events_by_key.get(key_sha, {})
+        gone = sorted(event_id for event_id, owner in owners.items() if owner & wanted)
+        for event_id in gone:
+            del owners[event_id]
+            applied = per_key.pop(event_id, 0)
+            left = self.events.get(event_id, 0) - applied
+            if left > 0:  # the same event id under another API key stays
+                self.events[event_id] = left
+            else:
+                self.events.pop(event_id, None)
+        # Members and consent are keyed by mpid, else "type:value" (user_key): no encoding there.
+        user_keys = {value if kind == "mpid" else f"{kind}:{value}" for kind, _encoding, value in wanted}
+        members_gone = 0
+        for akey, members in self.members.items():
+            if akey.startswith(f"{key_sha}:"):
+                for ukey in user_keys.intersection(members):
+                    del members[ukey]
+                    members_gone += 1
+        for ukey in user_keys:
+            self.consent.pop(f"{key_sha}:{ukey}", None)
+            self.notifications.pop(f"{key_sha}:{ukey}", None)
         self.erased.append(
             {
                 "request_id": body.get("request_id"),
                 "identities": body["identities"],
                 "regulation": body.get("regulation"),
                 "account_id": body.get("account_id"),
+                "submitted_time_ms": body.get("submitted_time_ms"),
                 "api_key_sha256": key_sha,
+                "erased_events": gone,
+                "erased_members": members_gone,
             }
         )
 
@@ -343,8 +470,26 @@ class StubState:
                     for akey, members in self.members.items()
                 },
                 "erased": [dict(e) for e in self.erased],
+                "consent": {k: dict(v) for k, v in self.consent.items()},
+                "notifications": {k: list(v) for k, v in self.notifications.items()},
+                "eventless_batches": self.eventless_batches,
                 "requests_seen": self._seq,
             }
+
+
+def _batch_user_key(user: Any) -> str:
+    """An event batch's user as members are keyed; "unknown" when it names nobody (the events
+    route accepts such batches, so their consent is still shown rather than dropped)."""
+    try:
+        return user_key(user)
+    except PayloadError:
+        return "unknown"
+
+
+def _newer(timestamp: Any, than: Any) -> bool:
+    if not isinstance(timestamp, int) or not isinstance(than, int):
+        return True  # nothing to order by: the later arrival wins
+    return timestamp >= than
 
 
 def _apply_attributes(target: dict[str, Any], attributes: list[dict[str, Any]]) -> None:

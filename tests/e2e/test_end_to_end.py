@@ -6,6 +6,7 @@ and out over HTTP to the stub, whose own records are what the tests check.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,3 +177,54 @@ def test_audience_samples_reach_the_partner(web: str, partner: Stub) -> None:
     wait_for(lambda: len(partner.requests("/v1/audiences")) >= 4, 30, what="the member changes")
     paths = sorted(c["path"] for c in partner.requests("/v1/audiences") if c["method"] == "POST")
     assert paths == ["/v1/audiences/456/members", "/v1/audiences/654/members", "/v1/audiences/789/members"]
+
+
+def consent_key(message: dict) -> str:
+    """How the stub keys a user's consent and notifications: API key hash and mpid."""
+    return f"{hashlib.sha256(message['account']['account_settings']['apiKey'].encode()).hexdigest()}:{message['mpid']}"
+
+
+def test_consent_and_every_batch_field_reach_the_partner(web: str, partner: Stub) -> None:
+    message = fresh("3.2.0", "EventProcessingRequest_ios.json")
+    assert post(web, orjson.dumps(message)).status_code == 202
+    wait_for(lambda: partner.requests("/v1/events"), 30, what="the batch at the stub")
+    [call] = partner.requests("/v1/events")
+    [batch] = call["body"]["batches"]
+    for field in (
+        "source_id",
+        "firehose_version",
+        "device_application_stamp",
+        "integration_attributes",
+        "platform_fields",
+        "consent_state",
+        "system_notifications",
+        "events",
+    ):
+        assert batch[field] == message[field], field
+    # What the partner made of it: the user's consent, and the changes that led there.
+    state = partner.state()
+    user = consent_key(message)
+    assert state["consent"][user]["consent_state"] == message["consent_state"]
+    assert [n["notification"] for n in state["notifications"][user]] == message["system_notifications"]
+
+
+def test_a_notification_only_batch_is_delivered_and_verification_is_not(web: str, partner: Stub) -> None:
+    verification = fresh("3.2.0", "EventProcessingRequest_android.json")
+    verification.update(events=[], system_notifications=[])
+    assert post(web, orjson.dumps(verification)).status_code == 202
+    # 3.2.0 `allow_eventless_batches`: the user withdrew consent and did nothing else.
+    withdrawal = fresh("3.2.0", "EventProcessingRequest_ios.json")
+    del withdrawal["events"]
+    withdrawal["consent_state"]["gdpr_consent_state"]["marketing"]["consented"] = False
+    assert post(web, orjson.dumps(withdrawal)).status_code == 202
+
+    wait_for(lambda: partner.state()["eventless_batches"], 30, what="the notification-only batch at the stub")
+    [call] = partner.requests("/v1/events")
+    assert call["status"] == 202
+    [batch] = call["body"]["batches"]
+    assert batch["message_id"] == withdrawal["id"]
+    assert batch["events"] == []
+    assert batch["system_notifications"] == withdrawal["system_notifications"]
+    state = partner.state()
+    assert state["consent"][consent_key(withdrawal)]["consent_state"] == withdrawal["consent_state"]
+    assert state["event_batches"] == state["eventless_batches"] == 1

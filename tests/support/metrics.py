@@ -29,11 +29,12 @@ AUTH = {"Authorization": f"Token {TOKEN}"}
 
 
 def event_batch(events: bool = True) -> bytes:
-    """The iOS fixture with a fresh id; without events it is verification traffic."""
+    """The iOS fixture with a fresh id; without events (and notifications) it is verification traffic."""
     message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
     message["id"] = str(uuid.uuid4())
     if not events:
         message["events"] = []
+        message["system_notifications"] = []  # consent notifications alone are work
     return orjson.dumps(message)
 
 

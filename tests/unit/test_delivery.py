@@ -339,10 +339,11 @@ def test_a_member_call_holds_the_audience_lock_and_records_what_it_sent(
     assert _run(rt, [body(msg)]) is None  # split: one unit per audience
     assert [decision for _, decision in run_inbox(rt)] == [Decision(Action.DELIVERED, 1)] * len(ops)
     assert locks == [False] * len(ops)
-    # Replayed under a new id (so new delivered marks), the same changes are not sent again.
+    # Replayed under a new id (so new delivered marks) and older, the changes are not sent again
+    # (as old as what the partner has, they would be: equal timestamps apply in arrival order).
     partner.calls.clear()
     partner.during_call = None
-    again = dict(msg, id="0b9e5f8e-0000-4000-8000-000000000000")
+    again = dict(msg, id="0b9e5f8e-0000-4000-8000-000000000000", timestamp_ms=msg["timestamp_ms"] - 1)
     assert _run(rt, [body(again)]) is None
     assert [decision for _, decision in run_inbox(rt)] == [Decision(Action.DELIVERED, 1)] * len(ops)
     assert not partner.calls

@@ -83,7 +83,8 @@ def has_work(message: dict[str, Any]) -> bool:
     if kind == REGISTRATION:
         return False
     if kind == EVENTS:
-        return bool(message.get("events"))
+        # Consent notifications without events are work too (3.2.0 eventless batches).
+        return bool(message.get("events")) or bool(message.get("system_notifications"))
     if kind == MEMBERSHIP:
         return bool(message.get("user_profiles"))
     return True
@@ -149,6 +150,7 @@ def test_every_sample_as_dict_str_and_bytes(lam: ModuleType, inbox: dict[str, by
 
 def test_verification_traffic_is_answered_and_not_queued(lam: ModuleType, inbox: dict[str, bytes]) -> None:
     base = json.loads((SAMPLES / "3.2.0" / "EventProcessingRequest_ios.json").read_bytes())
+    base["system_notifications"] = []  # with notifications, a batch without events is work
     membership = json.loads((SAMPLES / "3.2.0" / "AudienceMembershipChangeRequest.json").read_bytes())
     cases = [
         dict(base, id=str(uuid.uuid4()), events=[]),
@@ -239,4 +241,5 @@ def test_unreachable_redis_raises_so_mparticle_retries(monkeypatch: pytest.Monke
     # What needs no Redis is still answered: registration and verification traffic.
     registration = json.loads((SAMPLES / "3.2.0" / "ModuleRegistrationRequest.json").read_bytes())
     assert lam.handler(registration, CONTEXT)["type"] == "module_registration_response"
-    assert lam.handler(dict(message, events=[]), CONTEXT)["type"] == "event_processing_response"
+    verification = dict(message, events=[], system_notifications=[])
+    assert lam.handler(verification, CONTEXT)["type"] == "event_processing_response"

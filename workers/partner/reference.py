@@ -11,6 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from common.config import Settings
+from schemas.fields import is_header_value
 from workers.partner.base import Operation, OperationKind, PartnerResult
 
 ROUTES: dict[OperationKind, tuple[str, str]] = {
@@ -76,6 +77,13 @@ class ReferencePartnerClient:
         return cls(settings.partner_api_url, settings.partner_timeout_seconds)
 
     def send(self, operation: Operation, idempotency_key: str) -> PartnerResult:
+        if not is_header_value(operation.api_key):
+            # requests would refuse CR/LF with InvalidHeader (a "no answer", retried as if
+            # transient) and http.client a character beyond Latin-1 with UnicodeEncodeError
+            # (escaping the task, failing its whole group). Neither ever changes: answer as a
+            # partner's 400 would, permanent, without a call. Delivery rejects such a key
+            # before the gate already; this keeps any other caller of the client safe too.
+            return PartnerResult(400, error="invalid_api_key: not a valid HTTP header value (not sent)")
         method, path = ROUTES[operation.kind]
         url = self.base_url + path.format(audience_id=operation.audience_id)
         try:
