@@ -31,15 +31,24 @@ def test_no_sent_secret_in_any_log_or_dead_letter_listing(
 ) -> None:
     refused_key, invalid_key, wrong = new_secret("ak_refused"), new_secret("ak_invalid"), new_secret("wrong")
     sent_secrets.update({"apiKey refused": refused_key, "apiKey invalid": invalid_key, "wrong token (last)": wrong})
-    fault_stub.faults([{"path_prefix": "/v1", "status": 400, "api_key_sha256": sha(refused_key)}])
+    fault_stub.faults(
+        [
+            {"path_prefix": "/v1", "status": 400, "api_key_sha256": sha(refused_key)},
+            {"path_prefix": "/v1/audiences", "status": 401, "api_key_sha256": sha(invalid_key)},
+        ]
+    )
     refused = fresh_message("event_processing_request", refused_key)
-    invalid = fresh_message("audience_subscription_request", invalid_key)
-    invalid["audience_id"] = "not-an-audience-id"
+    # Refused at the door for its shape: the 400 names the field, never the apiKey beside it.
+    malformed = fresh_message("audience_subscription_request", invalid_key)
+    malformed["audience_id"] = "not-an-audience-id"
+    revoked = fresh_message("audience_subscription_request", invalid_key)
     assert post(fault_stack.url, refused, fault_token).status_code == 202
-    assert post(fault_stack.url, invalid, fault_token).status_code == 200
+    answer = post(fault_stack.url, malformed, fault_token)
+    assert answer.status_code == 400 and invalid_key not in answer.text
+    assert post(fault_stack.url, revoked, fault_token).status_code == 200
     assert post(fault_stack.url, fresh_message("dsr_processing_request", invalid_key), wrong).status_code == 401
     assert requests.post(f"{fault_stack.url}/firehose?token={wrong}", data=b"{}", timeout=5).status_code in (400, 401)
-    for message in (refused, invalid):
+    for message in (refused, revoked):
         wait_for(lambda m=message: dead_letters.get(fault_stack.redis, KEYS, m["id"]), 30, 0.2, "the dead letter")
     fault_stub.faults([])
 
@@ -73,6 +82,6 @@ def test_no_sent_secret_in_any_log_or_dead_letter_listing(
             f"letters `dlq show` could not print: {unshowable}"
         ),
     )
-    assert len(letters) >= 2 and {refused["id"], invalid["id"]} <= {letter["id"] for letter in letters}
+    assert len(letters) >= 2 and {refused["id"], revoked["id"]} <= {letter["id"] for letter in letters}
     assert all(logs.values()), [name for name, text in logs.items() if not text]
     assert not found, found
