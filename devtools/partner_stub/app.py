@@ -1,7 +1,8 @@
 """Flask app of the partner stub: the reference partner API plus /_stub admin routes.
 
-See docs/partner-api.md for the contract. Security note: the stub is handed
-customers' real API keys, so nothing here logs the Authorization header or a
+See docs/partner-api.md for the contract; every /v1 body is checked against its route's JSON
+Schema (schemas/, through state.check_schema) before anything is applied. Security note: the
+stub is handed customers' real API keys, so nothing here logs the Authorization header or a
 request body; the request log exposes only the sha256 of the bearer token.
 """
 
@@ -24,6 +25,7 @@ from devtools.partner_stub.state import (
     PayloadError,
     StoredResponse,
     StubState,
+    load_validators,
     validate_audience,
     validate_audience_delete,
     validate_erasure,
@@ -114,6 +116,8 @@ def create_stub_app(config: StubConfig | Mapping[str, Any] | None = None) -> Fla
         config = StubConfig.from_mapping(config)
 
     state = StubState(max_requests=config.max_requests)
+    # Compile the contract's schemas now: a broken schema file fails the start, not the first request.
+    load_validators()
     # Bad rules at startup must fail loudly, not leave a stub without its faults.
     state.set_rules(parse_rules(config.faults))
 
@@ -232,8 +236,9 @@ def create_stub_app(config: StubConfig | Mapping[str, Any] | None = None) -> Fla
 
     @app.delete("/v1/audiences/<audience_id>")
     def delete_audience(audience_id: str) -> Response:
-        # A body is optional here (the audience as mParticle describes it), so no Content-Type requirement.
-        body = validate_audience_delete(g.body)
+        # A body is optional here (the audience as mParticle describes it), so no Content-Type
+        # requirement; a body that is there must follow the contract like PUT's.
+        body = validate_audience_delete(None if g.body is _NOT_JSON else g.body)
 
         def apply() -> tuple[int, dict[str, Any]]:
             state.delete_audience(g.key_sha, audience_id, body)

@@ -8,16 +8,19 @@ the relay's tests rely on.
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from devtools.partner_stub.fault_rules import FaultRule
 
 MEMBER_ACTIONS = frozenset({"add", "delete", "update_attributes"})
-ATTRIBUTE_ACTIONS = frozenset({"upsert", "delete"})
 IDENTITY_LISTS = ("user_identities", "device_identities", "partner_identities")
 
 
@@ -35,7 +38,146 @@ class StoredResponse:
 # ---------------------------------------------------------------------------
 # Validation. Everything is validated before anything is applied so that a 400
 # never leaves a half-applied request behind.
+#
+# The contract's shapes are the JSON Schemas in schemas/ (linked from docs/partner-api.md): every
+# request body is checked against its route's schema first, so every test and benchmark that runs
+# the stub checks the relay's payloads against the contract. The hand-written checks below keep
+# only the rule the schemas leave to the stub (a member change must name someone: it is checked
+# where the member's key is made from it) and the few structural guards the bookkeeping relies
+# on, for a stub running without jsonschema (see load_validators).
 # ---------------------------------------------------------------------------
+
+SCHEMA_DIR = Path(__file__).with_name("schemas")
+
+# Route → its body's schema file. PUT and DELETE of an audience carry the same body.
+ROUTE_SCHEMAS: dict[str, str] = {
+    "events": "events.schema.json",
+    "audience": "audience.schema.json",
+    "audience_members": "audience-members.schema.json",
+    "erasure": "erasure.schema.json",
+}
+
+logger = logging.getLogger("partner_stub")
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(", ", ": "))
+
+
+def _describe(error: Any) -> str:
+    """What is wrong, in words taken from the schema and never from the body.
+
+    jsonschema's own messages quote the offending value, and an error body ends up in the relay's
+    dead-letter records (docs/partner-api.md, "Status codes"): customers' data must not. `required`
+    and `additionalProperties` name keys only, at levels whose keys the relay chooses.
+    """
+    kind, wanted = error.validator, error.validator_value
+    if kind in ("required", "additionalProperties"):
+        return str(error.message)
+    if kind == "type":
+        types = wanted if isinstance(wanted, list) else [wanted]
+        return "must be of type " + " or ".join(types)
+    if kind == "enum":
+        return f"must be one of {_json_text(wanted)}"
+    if kind == "const":
+        return f"must be {_json_text(wanted)}"
+    if kind in ("oneOf", "anyOf"):
+        return "matches none of the allowed shapes"
+    if kind == "not":
+        if isinstance(wanted, dict) and list(wanted) == ["required"]:
+            return "must not have " + ", ".join(repr(key) for key in wanted["required"])
+        return f"must not match {_json_text(wanted)}"
+    if kind == "pattern":
+        return f"must match {_json_text(wanted)}"
+    return f"fails {kind} {_json_text(wanted)}"
+
+
+def schema_error_message(error: Any) -> str:
+    """`<where in the body>: <what is wrong>`."""
+    path = error.json_path
+    where = "body" if path == "$" else path.removeprefix("$.")
+    return f"{where}: {_describe(error)}"
+
+
+@dataclass(frozen=True)
+class RouteValidator:
+    """One route's schema, compiled twice: `full` (jsonschema) says what is wrong, `fast`
+    (jsonschema_rs, when installed) only whether anything is, some 200 times sooner.
+
+    The stub answers the benchmarks' traffic: at about 3 ms per batch, jsonschema alone would make
+    the stub the slowest part of a run, and every valid body would pay for error reporting it does
+    not need. tests/unit/test_partner_contract.py checks that the two agree.
+    """
+
+    full: Any
+    fast: Any | None
+
+    def errors(self, body: Any) -> list[Any]:
+        if self.fast is not None:
+            try:
+                if self.fast.is_valid(body):
+                    return []
+            except Exception:  # noqa: BLE001 - e.g. a value it cannot convert: let jsonschema judge
+                pass
+        # jsonschema is the reference: a body only `fast` refused is still accepted.
+        return list(self.full.iter_errors(body))
+
+
+@functools.cache
+def load_validators() -> dict[str, RouteValidator] | None:
+    """Route → its RouteValidator (draft 2020-12); None without jsonschema.
+
+    jsonschema comes with requirements-dev.txt, which the test suites and benchmarks run on
+    (jsonschema_rs with it, through schemathesis). The runtime image (requirements.txt) has
+    neither, and the local docker-compose stack runs the stub there: it then runs unchecked,
+    with the structural guards only, and says so once.
+    """
+    try:
+        from jsonschema import Draft202012Validator
+        from referencing import Registry, Resource
+    except ImportError:
+        logger.warning("jsonschema is not installed: request bodies are NOT checked against the contract schemas")
+        return None
+    try:
+        import jsonschema_rs
+    except ImportError:
+        jsonschema_rs = None
+    documents = [json.loads(path.read_text()) for path in sorted(SCHEMA_DIR.glob("*.schema.json"))]
+    registry: Registry = Registry().with_resources(
+        (document["$id"], Resource.from_contents(document)) for document in documents
+    )
+    fast_registry = jsonschema_rs.Registry([(d["$id"], d) for d in documents]) if jsonschema_rs else None
+    by_file = {document["$id"].rsplit("/", 1)[-1]: document for document in documents}
+    return {
+        route: RouteValidator(
+            full=Draft202012Validator(by_file[file_name], registry=registry),
+            fast=(
+                jsonschema_rs.validator_for(by_file[file_name], registry=fast_registry)
+                if jsonschema_rs and fast_registry
+                else None
+            ),
+        )
+        for route, file_name in ROUTE_SCHEMAS.items()
+    }
+
+
+# Enough problems to fix a payload in one go, few enough for a dead-letter record's excerpt.
+MAX_SCHEMA_ERRORS = 3
+
+
+def check_schema(route: str, body: Any) -> None:
+    """Raise PayloadError naming how `body` breaks its route's schema (the likeliest causes first)."""
+    validators = load_validators()
+    if validators is None:
+        return
+    errors = validators[route].errors(body)
+    if errors:
+        from jsonschema.exceptions import relevance  # present: load_validators imported jsonschema
+
+        errors.sort(key=relevance, reverse=True)
+        shown = "; ".join(schema_error_message(error) for error in errors[:MAX_SCHEMA_ERRORS])
+        more = f" (and {len(errors) - MAX_SCHEMA_ERRORS} more)" if len(errors) > MAX_SCHEMA_ERRORS else ""
+        raise PayloadError(f"{ROUTE_SCHEMAS[route]}: {shown}{more}")
 
 
 def _require_object(body: Any, what: str) -> dict[str, Any]:
@@ -52,27 +194,16 @@ def _require_list(obj: dict[str, Any], key: str, what: str) -> list[Any]:
 
 
 def validate_events(body: Any) -> list[dict[str, Any]]:
-    body = _require_object(body, "body")
-    batches = _require_list(body, "batches", "body")
+    check_schema("events", body)
+    # The schema said all of this already; without jsonschema these guards keep apply_events whole.
+    batches = _require_list(_require_object(body, "body"), "batches", "body")
     for b_index, batch in enumerate(batches):
-        batch = _require_object(batch, f"batches[{b_index}]")
-        events = _require_list(batch, "events", f"batches[{b_index}]")
-        # Consent travels next to the events (docs/partner-api.md); both keys may be absent.
-        if batch.get("consent_state") is not None and not isinstance(batch["consent_state"], dict):
-            raise PayloadError(f"batches[{b_index}]: 'consent_state' must be a JSON object or null")
-        notifications = batch.get("system_notifications") or []
-        if not isinstance(notifications, list):
+        events = _require_list(_require_object(batch, f"batches[{b_index}]"), "events", f"batches[{b_index}]")
+        if not isinstance(batch.get("system_notifications") or [], list):
             raise PayloadError(f"batches[{b_index}]: 'system_notifications' must be a list")
-        for n_index, notification in enumerate(notifications):
-            _require_object(notification, f"batches[{b_index}].system_notifications[{n_index}]")
         for e_index, event in enumerate(events):
-            where = f"batches[{b_index}].events[{e_index}]"
-            event = _require_object(event, where)
-            event_id = event.get("id")
-            # The whole point of the end-to-end tests is counting applications per
-            # mParticle event id; an event without one cannot be checked.
-            if isinstance(event_id, bool) or not isinstance(event_id, (str, int)) or event_id == "":
-                raise PayloadError(f"{where}: 'id' must be a non-empty string or an integer")
+            if not isinstance(_require_object(event, f"batches[{b_index}].events[{e_index}]").get("id"), str):
+                raise PayloadError(f"batches[{b_index}].events[{e_index}]: 'id' must be a string")
     return batches
 
 
@@ -100,7 +231,8 @@ def user_key(user: Any) -> str:
 def user_identity_keys(user: Any) -> frozenset[tuple[str, str, str]]:
     """A user's identities as (type, encoding, value), its mpid as ("mpid", "raw", mpid).
 
-    Lenient: the events route does not validate `user`, and a malformed one just matches nothing.
+    Lenient: a batch's user may name nobody (and without jsonschema is not checked at all); a
+    malformed one just matches nothing.
     """
     if not isinstance(user, dict):
         return frozenset()
@@ -120,10 +252,10 @@ def user_identity_keys(user: Any) -> frozenset[tuple[str, str, str]]:
 
 def validate_member_changes(body: Any) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """Return (action, user key, attribute actions) per change, in list order."""
-    body = _require_object(body, "body")
-    changes = _require_list(body, "changes", "body")
+    check_schema("audience_members", body)
+    changes = _require_list(_require_object(body, "body"), "changes", "body")
     if body.get("audience") is not None:
-        _validate_audience_fields(_require_object(body["audience"], "'audience'"), "'audience.")
+        _require_object(body["audience"], "'audience'")
     parsed = []
     for index, change in enumerate(changes):
         where = f"changes[{index}]"
@@ -131,56 +263,38 @@ def validate_member_changes(body: Any) -> list[tuple[str, str, list[dict[str, An
         action = change.get("action")
         if action not in MEMBER_ACTIONS:
             raise PayloadError(f"{where}: 'action' must be one of {sorted(MEMBER_ACTIONS)}")
+        # Not in the schema: the user must name someone (mpid or an identity), or the change has
+        # no member to apply to; user_key finds out while making the member's key.
         try:
             key = user_key(change.get("user"))
         except PayloadError as exc:
             raise PayloadError(f"{where}: {exc}") from None
         attributes = change.get("attributes") or []
-        if not isinstance(attributes, list):
-            raise PayloadError(f"{where}: 'attributes' must be a list")
-        for a_index, attr in enumerate(attributes):
-            a_where = f"{where}.attributes[{a_index}]"
-            attr = _require_object(attr, a_where)
-            if not isinstance(attr.get("key"), str) or not attr["key"]:
-                raise PayloadError(f"{a_where}: 'key' must be a non-empty string")
-            if attr.get("list_value") is not None and not isinstance(attr["list_value"], list):
-                raise PayloadError(f"{a_where}: 'list_value' must be a list or null")
-            if attr.get("action", "upsert") not in ATTRIBUTE_ACTIONS:
-                raise PayloadError(f"{a_where}: 'action' must be one of {sorted(ATTRIBUTE_ACTIONS)}")
+        if not isinstance(attributes, list) or not all(isinstance(a, dict) and "key" in a for a in attributes):
+            raise PayloadError(f"{where}: 'attributes' must be a list of objects with a 'key'")
         parsed.append((action, key, attributes))
     return parsed
 
 
 def validate_erasure(body: Any) -> dict[str, Any]:
-    body = _require_object(body, "body")
-    identities = _require_list(body, "identities", "body")
+    check_schema("erasure", body)
+    identities = _require_list(_require_object(body, "body"), "identities", "body")
     for index, identity in enumerate(identities):
         _require_object(identity, f"identities[{index}]")
     return body
 
 
-def _validate_audience_fields(body: dict[str, Any], where: str = "'") -> None:
-    for key in ("settings", "previous_settings"):
-        value = body.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise PayloadError(f"{where}{key}' must be a JSON object or null")
-    name = body.get("name")
-    if name is not None and not isinstance(name, str):
-        raise PayloadError(f"{where}name' must be a string or null")
-
-
 def validate_audience(body: Any) -> dict[str, Any]:
-    body = _require_object(body, "body")
-    _validate_audience_fields(body)
-    return body
+    check_schema("audience", body)
+    return _require_object(body, "body")
 
 
 def validate_audience_delete(body: Any) -> dict[str, Any]:
-    """A DELETE's body is optional (no Content-Type required): anything but a JSON object is no body."""
-    if not isinstance(body, dict):
+    """A DELETE's body is optional (no Content-Type required): none is no body; one is checked."""
+    if body is None:
         return {}
-    _validate_audience_fields(body)
-    return body
+    check_schema("audience", body)
+    return _require_object(body, "body")
 
 
 # ---------------------------------------------------------------------------

@@ -288,7 +288,8 @@ def test_subscription_payloads_carry_settings_and_previous_settings(rt: Runtime,
 
 def test_the_stub_refuses_malformed_audience_descriptions(partner: StubPartner) -> None:
     headers = {"Authorization": "Bearer k", "Content-Type": "application/json"}
-    change = {"action": "add", "timestamp_ms": 1, "user": {"mpid": "u"}}
+    user = {"mpid": "u", "user_identities": [], "device_identities": [], "partner_identities": []}
+    change = {"action": "add", "timestamp_ms": 1, "user": user}
     bad = partner.client.post(
         "/v1/audiences/5/members", json={"audience": {"settings": "x"}, "changes": [change]}, headers=headers
     )
@@ -298,7 +299,7 @@ def test_the_stub_refuses_malformed_audience_descriptions(partner: StubPartner) 
     assert partner.client.delete("/v1/audiences/5", headers={"Authorization": "Bearer k"}).status_code == 200
     good = partner.client.post(
         "/v1/audiences/7/members",
-        json={"audience": {"name": "A", "settings": {}}, "changes": [change]},
+        json={"account_id": 1, "audience": {"name": "A", "settings": {}}, "changes": [change]},
         headers=headers,
     )
     assert good.status_code == 200

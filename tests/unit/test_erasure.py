@@ -352,7 +352,8 @@ def test_the_stub_erases_the_users_events_found_by_the_mapped_identities(stub: F
 def test_the_stub_finds_nobody_by_the_opendsr_form(stub: FlaskClient, identity: dict[str, str]) -> None:
     [op] = plan_message(events_message(MPID, EMAIL, GAID, CUSTOMER)).operations
     assert send(stub, op) == 202
-    erasure = Operation(OperationKind.ERASE, {"account_id": 99, "identities": [identity]}, API_KEY)
+    payload = {"account_id": 99, "request_id": "dsr-nobody", "regulation": "gdpr", "identities": [identity]}
+    erasure = Operation(OperationKind.ERASE, payload, API_KEY)
     assert send(stub, erasure) == 202
     state = stub_state(stub)
     assert len(state["events"]) == 2 and state["erased"][0]["erased_events"] == []
@@ -360,7 +361,11 @@ def test_the_stub_finds_nobody_by_the_opendsr_form(stub: FlaskClient, identity: 
 
 def test_the_stub_erases_matching_audience_members(stub: FlaskClient) -> None:
     member = {"mpid": MPID, "user_identities": [], "device_identities": [], "partner_identities": []}
-    body = {"account_id": 99, "changes": [{"action": "add", "timestamp_ms": 1, "user": member}]}
+    body = {
+        "account_id": 99,
+        "audience": {"name": None, "settings": {}},
+        "changes": [{"action": "add", "timestamp_ms": 1, "user": member}],
+    }
     headers = {"Authorization": f"Bearer {API_KEY}"}
     assert stub.post("/v1/audiences/7/members", json=body, headers=headers).status_code == 200
     erasure = erase_payload(dsr({"email": EMAIL}, extension={"mpid": MPID}))

@@ -8,15 +8,66 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import sys
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
 from devtools.partner_stub import api_key_sha256, create_stub_app
-from tests.support.partner_api import API_KEY, OTHER_API_KEY, events_body, headers, user
+from tests.support.partner_api import API_KEY, OTHER_API_KEY, headers, user
+
+# The stub checks every body against the contract's schemas (devtools/partner_stub/schemas/), so the
+# bodies here are whole: event ids are UUIDs (eid), every batch key is there, and so on.
+_IDS = uuid.UUID("6f1d1b36-3c5e-4d5e-9a51-2f0c6a0b8e11")
+
+
+def eid(name: str) -> str:
+    """A readable test event name as the UUID the contract wants for an event id."""
+    return str(uuid.uuid5(_IDS, name))
+
+
+def events_body(*names: str) -> dict[str, Any]:
+    """One batch in the contract's shape (docs/partner-api.md, section 1), one custom_event per name."""
+    return {
+        "batches": [
+            {
+                "message_id": str(uuid.uuid4()),
+                "account_id": 123,
+                "timestamp_ms": 1714592744066,
+                "firehose_version": "3.2.0",
+                "source_id": None,
+                "source_channel": "native",
+                "user": {
+                    **user(mpid="-5227515829034156637"),
+                    "attributes": {"plan": "gold"},
+                    "attribute_lists": {"tags": ["x", "y"]},
+                },
+                "device": {"type": "ios"},
+                "device_application_stamp": None,
+                "integration_attributes": {},
+                "platform_fields": None,
+                "consent_state": None,
+                "system_notifications": [],
+                "events": [
+                    {"id": eid(name), "type": "custom_event", "timestamp_ms": 1714592744066, "name": name}
+                    for name in names
+                ],
+            }
+        ]
+    }
+
+
+def audience_body(name: str | None = "High value", settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"account_id": 1, "name": name, "description": None, "settings": settings or {}, "previous_settings": None}
+
+
+def members_body(*changes: dict[str, Any]) -> dict[str, Any]:
+    return {"account_id": 1, "audience": {"name": None, "settings": {}}, "changes": list(changes)}
 
 
 def client_for(faults: dict[str, Any] | None = None) -> FlaskClient:
@@ -59,7 +110,7 @@ def test_events_applied_once_and_repeat_is_a_duplicate(client: FlaskClient) -> N
     assert repeat.get_json() == {"accepted_events": 2}
 
     state = get_json(client, "/_stub/state")
-    assert state["events"] == {"ev-1": 1, "ev-2": 1}
+    assert state["events"] == {eid("ev-1"): 1, eid("ev-2"): 1}
     assert state["event_batches"] == 1
     assert state["duplicates"] == 1
     assert state["idempotency_conflicts"] == 0
@@ -78,16 +129,7 @@ def test_audience_lifecycle_and_membership_view(client: FlaskClient) -> None:
     key_sha = api_key_sha256(API_KEY)
     audience_key = f"{key_sha}:4242"
 
-    created = client.put(
-        "/v1/audiences/4242",
-        json={
-            "account_id": 1,
-            "name": "High value",
-            "description": None,
-            "settings": {"list": "a"},
-        },
-        headers=headers(),
-    )
+    created = client.put("/v1/audiences/4242", json=audience_body(settings={"list": "a"}), headers=headers())
     assert created.status_code == 200
     assert created.get_json() == {"audience_id": 4242}
 
@@ -122,7 +164,7 @@ def test_audience_lifecycle_and_membership_view(client: FlaskClient) -> None:
         },
         {"action": "delete", "timestamp_ms": 6, "user": user(mpid="333")},
     ]
-    applied = client.post("/v1/audiences/4242/members", json={"account_id": 1, "changes": changes}, headers=headers())
+    applied = client.post("/v1/audiences/4242/members", json=members_body(*changes), headers=headers())
     assert applied.status_code == 200
     assert applied.get_json() == {"applied": 6}
 
@@ -150,10 +192,7 @@ def test_audience_lifecycle_and_membership_view(client: FlaskClient) -> None:
 def test_member_add_creates_audience_implicitly_and_keys_are_per_customer(
     client: FlaskClient,
 ) -> None:
-    body = {
-        "account_id": 1,
-        "changes": [{"action": "add", "timestamp_ms": 1, "user": user(mpid="7")}],
-    }
+    body = members_body({"action": "add", "timestamp_ms": 1, "user": user(mpid="7")})
     for api_key in (API_KEY, OTHER_API_KEY):
         response = client.post("/v1/audiences/55/members", json=body, headers=headers(api_key=api_key))
         assert response.status_code == 200
@@ -201,7 +240,7 @@ def test_fault_rule_503_twice_then_success(client: FlaskClient) -> None:
     assert statuses == [503, 503, 202]
 
     state = get_json(client, "/_stub/state")
-    assert state["events"] == {"ev-f": 1}
+    assert state["events"] == {eid("ev-f"): 1}
     # A faulted attempt was never answered 2xx, so the success is not a duplicate.
     assert state["duplicates"] == 0
 
@@ -263,7 +302,7 @@ def test_bad_json_and_missing_keys_are_400(client: FlaskClient) -> None:
     assert bad.status_code == 400
     good = client.post("/v1/events", json=events_body("ev-fixed"), headers=hdrs)
     assert good.status_code == 202
-    assert get_json(client, "/_stub/state")["events"] == {"ev-fixed": 1}
+    assert get_json(client, "/_stub/state")["events"] == {eid("ev-fixed"): 1}
 
 
 def test_reset_clears_requests_state_and_rules(client: FlaskClient) -> None:
@@ -311,7 +350,7 @@ def test_latency_only_rule_delays_but_applies() -> None:
     started = time.monotonic()
     assert post_events(client, "slow") == 202
     assert time.monotonic() - started >= 0.15
-    assert client.get("/_stub/state").get_json()["events"] == {"slow": 1}
+    assert client.get("/_stub/state").get_json()["events"] == {eid("slow"): 1}
 
 
 def test_rule_scoped_to_one_api_key() -> None:
@@ -341,7 +380,7 @@ def test_reused_key_with_different_payload_is_flagged() -> None:
     assert post_events(client, "one", idempotency_key="k") == 202
     assert post_events(client, "two", idempotency_key="k") == 202
     state = client.get("/_stub/state").get_json()
-    assert state["events"] == {"one": 1}
+    assert state["events"] == {eid("one"): 1}
     assert state["duplicates"] == 1
     assert state["idempotency_conflicts"] == 1
 
@@ -355,10 +394,10 @@ def test_same_key_on_another_route_or_customer_is_not_a_repeat() -> None:
         headers=headers(api_key=OTHER_API_KEY, idempotency_key="k"),
     )
     assert other.status_code == 202
-    audience = client.put("/v1/audiences/3", json={"name": "x"}, headers=headers(idempotency_key="k"))
+    audience = client.put("/v1/audiences/3", json=audience_body(), headers=headers(idempotency_key="k"))
     assert audience.status_code == 200
     state = client.get("/_stub/state").get_json()
-    assert state["events"] == {"one": 2}
+    assert state["events"] == {eid("one"): 2}
     assert state["duplicates"] == 0
 
 
@@ -367,7 +406,7 @@ def test_request_without_idempotency_key_is_applied_every_time() -> None:
     hdrs = {"Authorization": f"Bearer {API_KEY}"}
     for _ in range(2):
         assert client.post("/v1/events", json=events_body("n"), headers=hdrs).status_code == 202
-    assert client.get("/_stub/state").get_json()["events"] == {"n": 2}
+    assert client.get("/_stub/state").get_json()["events"] == {eid("n"): 2}
 
 
 def test_wrong_content_type_and_event_without_id_are_400() -> None:
@@ -376,9 +415,11 @@ def test_wrong_content_type_and_event_without_id_are_400() -> None:
     assert client.post("/v1/events", data=json.dumps(events_body("x")), headers=hdrs).status_code == 400
     no_id = {"batches": [{"events": [{"type": "custom_event"}]}]}
     assert client.post("/v1/events", json=no_id, headers=headers()).status_code == 400
-    member_without_identity = {"changes": [{"action": "add", "user": user()}]}
+    # Schema-valid, but names nobody: the one rule the schema cannot say.
+    member_without_identity = members_body({"action": "add", "timestamp_ms": 1, "user": user()})
     response = client.post("/v1/audiences/1/members", json=member_without_identity, headers=headers())
     assert response.status_code == 400
+    assert "neither an mpid nor any identity" in response.get_json()["error"]
     # Validation is all-or-nothing: nothing was created.
     assert client.get("/_stub/state").get_json()["audiences"] == {}
 
@@ -406,5 +447,81 @@ def test_concurrent_repeats_are_applied_once() -> None:
         thread.join(timeout=10)
     assert statuses == [202] * 8
     state = app.test_client().get("/_stub/state").get_json()
-    assert state["events"] == {"race": 1}
+    assert state["events"] == {eid("race"): 1}
     assert state["duplicates"] == 7
+
+
+# --- the contract's schemas --------------------------------------------------------------
+
+
+def test_a_body_off_the_schema_is_a_logged_400_naming_the_problem_not_the_value() -> None:
+    client = client_for()
+    body = events_body("ev-x")
+    batch = body["batches"][0]
+    batch["events"][0]["id"] = "secret-customer-value"  # not a UUID
+    batch["device"]["platform"] = "iOS"  # device is passed through: any key goes
+    del batch["platform_fields"]
+    response = client.post("/v1/events", json=body, headers=headers(idempotency_key="off-schema"))
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert error.startswith("events.schema.json: ")
+    assert "batches[0].events[0].id: must match" in error
+    assert "batches[0]: 'platform_fields' is a required property" in error
+    # The error body can end up in the relay's dead-letter records: no value from the body in it.
+    assert "secret-customer-value" not in error
+    log = client.get("/_stub/requests").get_json()["requests"]
+    assert [(r["status"], r["body"] == body) for r in log] == [(400, True)]
+    state = client.get("/_stub/state").get_json()
+    assert (state["events"], state["event_batches"]) == ({}, 0)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "expected"),
+    [
+        ("POST", "/v1/events", {"batches": []}, "events.schema.json: batches: fails minItems 1"),
+        ("PUT", "/v1/audiences/1", {"name": "x"}, "audience.schema.json: body: 'account_id' is a required property"),
+        (
+            "POST",
+            "/v1/audiences/1/members",
+            {"account_id": 1, "audience": {"name": None, "settings": {}}, "changes": [{"action": "attribute_update"}]},
+            "changes[0].action: must be one of",
+        ),
+        ("DELETE", "/v1/users", {"request_id": "r", "identities": []}, "'account_id' is a required property"),
+        ("DELETE", "/v1/audiences/1", {"account_id": 1}, "audience.schema.json: body: 'name' is a required property"),
+    ],
+)
+def test_every_route_checks_its_schema(method: str, path: str, body: dict[str, Any], expected: str) -> None:
+    client = client_for()
+    response = client.open(path, method=method, json=body, headers=headers())
+    assert response.status_code == 400
+    assert expected in response.get_json()["error"]
+    assert client.get("/_stub/state").get_json()["audiences"] == {}
+
+
+def test_audience_delete_without_a_body_is_accepted_with_one_it_is_checked() -> None:
+    client = client_for()
+    assert client.delete("/v1/audiences/8", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    assert client.delete("/v1/audiences/9", json=audience_body(name="Nine"), headers=headers()).status_code == 200
+    audiences = client.get("/_stub/state").get_json()["audiences"]
+    assert audiences[f"{api_key_sha256(API_KEY)}:9"]["name"] == "Nine"
+    assert client.delete("/v1/audiences/9", json=["not", "an", "audience"], headers=headers()).status_code == 400
+
+
+def test_without_jsonschema_the_stub_warns_and_keeps_its_structural_guards(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The runtime image (docker-compose's partner-stub) has no jsonschema: the stub must still run.
+    from devtools.partner_stub.state import load_validators
+
+    monkeypatch.setitem(sys.modules, "jsonschema", None)  # makes `import jsonschema` fail
+    load_validators.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="partner_stub"):
+            client = client_for()
+            assert post_events(client, "unchecked") == 202
+            assert client.post("/v1/events", json={"batches": "x"}, headers=headers()).status_code == 400
+        assert "NOT checked against the contract schemas" in caplog.text
+    finally:
+        monkeypatch.undo()
+        load_validators.cache_clear()
+    assert load_validators() is not None  # the next stub checks again
