@@ -385,7 +385,7 @@ def render(rows: list[dict[str, Any]], sizes: Sizes, command: str) -> str:
 
 
 def link_from_results() -> None:
-    """RESULTS.md (bench.perf rewrites it) points here; added once, if missing."""
+    """RESULTS.md points here (bench.perf writes the line too); added once, if missing."""
     line = "Isolation between customers (`make bench-isolation`): [ISOLATION.md](ISOLATION.md)."
     if RESULTS.exists() and "ISOLATION.md" not in RESULTS.read_text():
         RESULTS.write_text(RESULTS.read_text().rstrip("\n") + "\n\n" + line + "\n")

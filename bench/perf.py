@@ -847,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"logs kept in {logs}", file=sys.stderr)
     text += f"\nThe whole run took {time.monotonic() - started:.0f} s.\n"
+    text += "\nIsolation between customers (`make bench-isolation`): [ISOLATION.md](ISOLATION.md).\n"
     print(text)
     if output:
         output.write_text(text)
