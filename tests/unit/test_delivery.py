@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -151,18 +150,6 @@ def test_operation_kinds_keep_their_values_and_keys() -> None:
 
 
 # ---------------------------------------------------------------- in process, on Redis
-
-
-@pytest.fixture
-def partner() -> ScriptedPartnerClient:
-    return ScriptedPartnerClient()
-
-
-@pytest.fixture
-def rt(partner: ScriptedPartnerClient) -> Iterator[Runtime]:
-    runtime = core_runtime(partner)
-    yield runtime
-    runtime.redis.close()
 
 
 def _run(rt: Runtime, bodies: list[str], attempt: int = 1, first_seen_ms: int | None = None) -> Decision | None:

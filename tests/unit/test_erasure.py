@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -21,7 +20,6 @@ from schemas.dsr import EVENT_IDENTITY_ENCODINGS, OPENDSR_TO_FIREHOSE, event_sid
 from service.registration import DEFAULTS_FILE
 from tests.support import sample
 from tests.support.partner_clients import ScriptedPartnerClient
-from tests.support.worker_core import core_runtime
 from workers.delivery import attempt_delivery
 from workers.mapping import plan_message
 from workers.partner.base import Operation, OperationKind
@@ -265,18 +263,6 @@ def test_the_erasure_names_the_user_as_their_events_do() -> None:
 
 
 # ---------------------------------------------------------- through the worker core
-
-
-@pytest.fixture
-def partner() -> ScriptedPartnerClient:
-    return ScriptedPartnerClient()
-
-
-@pytest.fixture
-def rt(partner: ScriptedPartnerClient) -> Iterator[Runtime]:
-    runtime = core_runtime(partner)
-    yield runtime
-    runtime.redis.close()
 
 
 def test_the_worker_sends_the_mapped_erasure_and_counts_an_unreadable_time(

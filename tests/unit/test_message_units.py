@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -18,7 +17,6 @@ from tests.support.worker_core import (
     MEMBERSHIP_MESSAGE,
     SUBSCRIPTION_MESSAGE,
     body,
-    core_runtime,
     message,
     run_inbox,
     take_inbox,
@@ -30,18 +28,6 @@ from workers.mapping import plan_message
 from workers.partner.base import Operation, OperationKind
 from workers.runtime import Runtime
 from workers.tasks import run_attempt
-
-
-@pytest.fixture
-def partner() -> ScriptedPartnerClient:
-    return ScriptedPartnerClient()
-
-
-@pytest.fixture
-def rt(partner: ScriptedPartnerClient) -> Iterator[Runtime]:
-    runtime = core_runtime(partner)
-    yield runtime
-    runtime.redis.close()
 
 
 def _now_ms() -> int:

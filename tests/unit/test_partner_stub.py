@@ -12,54 +12,16 @@ import logging
 import sys
 import threading
 import time
-import uuid
 from typing import Any
 
 import pytest
 from flask.testing import FlaskClient
 
 from devtools.partner_stub import api_key_sha256, create_stub_app
-from tests.support.partner_api import API_KEY, OTHER_API_KEY, headers, user
+from tests.support.partner_api import API_KEY, OTHER_API_KEY, eid, events_body, headers, user
 
 # The stub checks every body against the contract's schemas (devtools/partner_stub/schemas/), so the
 # bodies here are whole: event ids are UUIDs (eid), every batch key is there, and so on.
-_IDS = uuid.UUID("6f1d1b36-3c5e-4d5e-9a51-2f0c6a0b8e11")
-
-
-def eid(name: str) -> str:
-    """A readable test event name as the UUID the contract wants for an event id."""
-    return str(uuid.uuid5(_IDS, name))
-
-
-def events_body(*names: str) -> dict[str, Any]:
-    """One batch in the contract's shape (docs/partner-api.md, section 1), one custom_event per name."""
-    return {
-        "batches": [
-            {
-                "message_id": str(uuid.uuid4()),
-                "account_id": 123,
-                "timestamp_ms": 1714592744066,
-                "firehose_version": "3.2.0",
-                "source_id": None,
-                "source_channel": "native",
-                "user": {
-                    **user(mpid="-5227515829034156637"),
-                    "attributes": {"plan": "gold"},
-                    "attribute_lists": {"tags": ["x", "y"]},
-                },
-                "device": {"type": "ios"},
-                "device_application_stamp": None,
-                "integration_attributes": {},
-                "platform_fields": None,
-                "consent_state": None,
-                "system_notifications": [],
-                "events": [
-                    {"id": eid(name), "type": "custom_event", "timestamp_ms": 1714592744066, "name": name}
-                    for name in names
-                ],
-            }
-        ]
-    }
 
 
 def audience_body(name: str | None = "High value", settings: dict[str, Any] | None = None) -> dict[str, Any]:

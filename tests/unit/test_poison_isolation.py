@@ -24,11 +24,6 @@ API_KEY = "key-poison"
 
 
 @pytest.fixture
-def partner() -> ScriptedPartnerClient:
-    return ScriptedPartnerClient()
-
-
-@pytest.fixture
 def rt(partner: ScriptedPartnerClient) -> Runtime:
     return core_runtime(partner)
 
