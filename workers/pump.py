@@ -176,8 +176,11 @@ return 1
 """
 
 # A task slot is taken when its job is published and given back when the task ends; one whose
-# task never ends (its worker died) lapses after this long, past anything a task waits for.
-SLOT_TTL_MARGIN_S = 30
+# task never ends (its worker died) lapses after the longest call plus this margin, so a dead
+# worker holds its lanes back for seconds, not minutes. A slot that lapses while its task still
+# waits in Celery's queue only lets the lane publish a little early: the gate's in-flight cap
+# still holds the calls.
+SLOT_TTL_MARGIN_S = 10
 
 
 def pump_identity(hostname: str) -> str:
@@ -238,7 +241,7 @@ class InboxPump:
         self._read_lanes_script = self.redis.register_script(_READ_LANES)
         self._forget_stale = self.redis.register_script(_FORGET_STALE)
         self._lane_room = self.redis.register_script(_LANE_ROOM)
-        self.slot_ttl_ms = int((2 * settings.partner_timeout_seconds + SLOT_TTL_MARGIN_S) * 1000)
+        self.slot_ttl_ms = int((settings.partner_timeout_seconds + SLOT_TTL_MARGIN_S) * 1000)
 
     def ensure_group(self) -> None:
         try:
