@@ -6,15 +6,14 @@ needs nothing running beforehand and never empties anyone else's databases.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_lib
 
-from devtools.procs import start_stub, start_web, start_worker
-from tests.support import DATABASES, MAIN_DB, Proc, Stub, base_env, redis_db
+from devtools.procs import start_web, start_worker
+from tests.support import DATABASES, MAIN_DB, Proc, Stub, base_env, own_stub, redis_db
 from tests.support import redis as suite_redis
 
 _REDIS_LINE = pytest.StashKey[str]()
@@ -65,11 +64,8 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def stub(logs_dir: Path) -> Iterator[Stub]:
-    proc, client = start_stub(dict(os.environ), logs_dir)
-    try:
+    with own_stub(logs_dir) as client:
         yield client
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

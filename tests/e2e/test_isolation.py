@@ -9,7 +9,6 @@ bounded deadlines, never on a tight time budget; the lags are only printed, for 
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,8 +18,8 @@ from typing import Any
 import pytest
 
 from common.names import DELIVERY_QUEUE
-from devtools.procs import start_procfile_worker, start_stub
-from tests.support import ISOLATION_DB, Proc, Stub, wait_for
+from devtools.procs import start_procfile_worker
+from tests.support import ISOLATION_DB, Proc, Stub, own_stub, wait_for
 from tests.support.stack import KEYS, Stack, all_event_ids, make_stack, sha
 
 # The per-key in-flight cap the gate enforces across workers (PARTNER_MAX_IN_FLIGHT_PER_KEY). Set
@@ -45,11 +44,8 @@ RECOVERY_DEADLINE = 120.0
 
 @pytest.fixture(scope="module")
 def isolation_stub(logs_dir: Path) -> Iterator[Stub]:
-    proc, client = start_stub(dict(os.environ), logs_dir, name="isolation-stub")
-    try:
+    with own_stub(logs_dir, name="isolation-stub") as client:
         yield client
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ arrives, and each poison one is refused at the door (400) or dead-lettered alone
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,7 @@ import pytest
 import requests
 
 from common import dead_letters
-from devtools.procs import start_stub
-from tests.support import BATCHING_DB, Stub, sample, wait_for
+from tests.support import BATCHING_DB, Stub, own_stub, sample, wait_for
 from tests.support.stack import KEYS, TOKEN, Stack, all_event_ids, delivered_events, make_stack
 
 API_KEY = "poison-neighbour-key"
@@ -26,11 +24,8 @@ AUTH = {"Authorization": f"Token {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def stub(logs_dir: Path) -> Iterator[Stub]:
-    proc, client = start_stub(dict(os.environ), logs_dir, name="poison-stub")
-    try:
+    with own_stub(logs_dir, name="poison-stub") as client:
         yield client
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from devtools import samples
@@ -22,6 +24,7 @@ __all__ = [
     "every_sample",
     "extra_corpus",
     "free_port",
+    "own_stub",
     "redis_db",
     "sample",
     "sample_id",
@@ -98,3 +101,15 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@contextmanager
+def own_stub(logs_dir: Path, name: str = "stub", **env: str) -> Iterator[Stub]:
+    """A partner stub process of its own (a stack whose faults must not reach other tests), stopped for sure."""
+    from devtools.procs import start_stub
+
+    proc, client = start_stub(dict(os.environ, **env), logs_dir, name=name)
+    try:
+        yield client
+    finally:
+        proc.stop()

@@ -15,8 +15,7 @@ import pytest
 
 from devtools.fault_table import load, render
 from devtools.faults import RESULTS_ENV, Results, new_secret
-from devtools.procs import start_stub
-from tests.support import FAULTS_DB, Stub, wait_for
+from tests.support import FAULTS_DB, Stub, own_stub, wait_for
 from tests.support.stack import FAULT_SETTINGS, TOKEN, Stack, make_stack
 
 _results_path: Path | None = None
@@ -64,11 +63,8 @@ def fault_token(sent_secrets: dict[str, str]) -> str:
 
 @pytest.fixture(scope="package")
 def fault_stub(logs_dir: Path) -> Iterator[Stub]:
-    proc, client = start_stub(dict(os.environ, STUB_LOG_LEVEL="DEBUG"), logs_dir, name="faults-stub")
-    try:
+    with own_stub(logs_dir, name="faults-stub", STUB_LOG_LEVEL="DEBUG") as client:
         yield client
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="package")
