@@ -104,7 +104,7 @@ def base_env(redis_url: str, **extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def own_stub(logs_dir: Path, name: str = "stub", **env: str) -> Iterator[Stub]:
+def own_stub(logs_dir: Path, name: str = "partner-stub", **env: str) -> Iterator[Stub]:
     """A partner stub process of its own (a stack whose faults must not reach other tests), stopped for sure."""
     from devtools.procs import start_stub
 
