@@ -77,6 +77,7 @@ def restart_stack(
         server.stop()
 
 
+@pytest.mark.timeout(480)
 def test_redis_killed_and_restarted_under_traffic(
     restart_stack: tuple[RedisServer, Stack],
     fault_stub: Stub,
@@ -180,7 +181,9 @@ def test_redis_killed_and_restarted_under_traffic(
         supervise()
         return ledger(fault_stub, accepted).delivered == len(accepted)
 
-    wait_for(all_delivered, 180, 0.5, "every 2xx delivered")
+    # Generous: after a Redis crash, work held by the dead connections comes back as claims,
+    # leases and lane slots lapse; what matters is that every 2xx arrives, not how fast.
+    wait_for(all_delivered, 360, 0.5, "every 2xx delivered")
     wait_for(stack.drained, 90, 0.3, "queues to drain")
 
     while_down = [a for a in first_round if a.sent_in == DOWN and a.answered_in == DOWN]
