@@ -113,6 +113,20 @@ class Settings(BaseSettings):
         env="CELERY_BROKER_URL",
         commented=True,
     )
+    # Sentinel: the primary is found, and followed after a failover, by name (common/redis_conn.py).
+    redis_sentinels: tuple[str, ...] = setting(
+        (),
+        "Redis Sentinels as host:port, comma-separated. When set, the web, the workers, Celery's broker "
+        "and the CLIs find the primary through them (by REDIS_SENTINEL_MASTER) and follow it after a "
+        "failover; REDIS_URL then gives only the database number, password and TLS.",
+        group=WHERE,
+    )
+    redis_sentinel_master: str = setting(
+        "", "The primary's name in the Sentinels' configuration (with REDIS_SENTINELS).", group=WHERE
+    )
+    redis_sentinel_password: str = setting(
+        "", "The Sentinels' own password, if they require one (with REDIS_SENTINELS).", group=WHERE, secret=True
+    )
     partner_api_url: str = setting(
         "http://127.0.0.1:9400",
         "The partner API the workers deliver to (the reference contract in docs/partner-api.md).",
@@ -125,10 +139,18 @@ class Settings(BaseSettings):
     auth_tokens: tuple[str, ...] = setting(
         (),
         "The token mParticle sends as `Authorization: Token <token>`. Comma-separate several to "
-        "rotate without downtime. Empty = no check (registration never needs one).",
+        "rotate without downtime. Required: without one the web refuses to start unless "
+        "FIREHOSE_AUTH_DISABLED=true (registration never needs one).",
         group=ENDPOINT,
         env="FIREHOSE_AUTH_TOKEN",
         secret=True,
+    )
+    auth_disabled: bool = setting(
+        False,
+        "Run the Firehose endpoint open, with no token (local use only). Without FIREHOSE_AUTH_TOKEN the "
+        "web refuses to start unless this is true; when it is, every start logs a warning.",
+        group=ENDPOINT,
+        env="FIREHOSE_AUTH_DISABLED",
     )
     max_body_bytes: int = setting(5 * 1024 * 1024, "Larger bodies are answered 413.", group=ENDPOINT, gt=0)
     unauthenticated_max_body_bytes: int = setting(
@@ -140,6 +162,13 @@ class Settings(BaseSettings):
     body_read_timeout_seconds: float = setting(
         5.0,
         "Seconds each read of a request body may wait for the client; a stalled client gets 408, not a worker.",
+        group=ENDPOINT,
+        gt=0,
+    )
+    request_deadline_seconds: float = setting(
+        10.0,
+        "The whole request, headers and body, must arrive within this many seconds; a slower client is "
+        "cut off (408) and holds no worker thread while it drips.",
         group=ENDPOINT,
         gt=0,
     )
@@ -157,6 +186,21 @@ class Settings(BaseSettings):
         "past it the answer is 503 + Retry-After (mParticle retries).",
         group=ENDPOINT,
         gt=0,
+    )
+    redis_min_replicas: int = setting(
+        0,
+        "When at least 1, a message is answered 2xx only after Redis's WAIT confirms that this many "
+        "replicas hold it, within INGEST_REDIS_TIMEOUT_MS; otherwise 503 + Retry-After (mParticle retries).",
+        group=ENDPOINT,
+        ge=0,
+    )
+    redis_memory_high_watermark: float = setting(
+        0.9,
+        "Share of Redis's maxmemory above which the web answers 503 + Retry-After before writing "
+        "(workers keep draining); /metrics shows it. Ignored when Redis has no maxmemory.",
+        group=ENDPOINT,
+        gt=0,
+        le=1,
     )
     key_prefix: str = setting(
         "fr", "Prefix of every Redis key the service writes.", group=ENDPOINT, env="REDIS_KEY_PREFIX"
@@ -222,6 +266,13 @@ class Settings(BaseSettings):
         "workers.partner.reference:ReferencePartnerClient",
         "The partner client class, `package.module:Class`.",
         group=DELIVERY,
+    )
+    dlq_retention_seconds: int = setting(
+        14 * 86400,
+        "Dead letters are kept this long (default 14 days, as SQS's longest), then expire; `flask dlq list` "
+        "shows when each one does.",
+        group=DELIVERY,
+        gt=0,
     )
     partner_timeout_seconds: float = setting(10.0, "Timeout of each partner call, seconds.", group=DELIVERY, gt=0)
     retry_max_attempts: int = setting(
@@ -402,7 +453,7 @@ class Settings(BaseSettings):
                 raise PydanticUseDefault()
         return value
 
-    @field_validator("auth_tokens", "cookie_sync_allowed_hosts", mode="before")
+    @field_validator("auth_tokens", "cookie_sync_allowed_hosts", "redis_sentinels", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -455,6 +506,21 @@ class Settings(BaseSettings):
             raise ValueError("must be -1 (any age) or at least 1")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{item!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _sentinel_needs_master(self) -> Settings:
+        if self.redis_sentinels and not self.redis_sentinel_master:
+            raise ValueError("REDIS_SENTINELS needs REDIS_SENTINEL_MASTER (the primary's name)")
+        return self
+
     @model_validator(mode="after")
     def _broker_defaults_to_redis(self) -> Settings:
         if not self.broker_url:
@@ -505,6 +571,7 @@ class Settings(BaseSettings):
         """The settings without secrets, for a startup log line."""
         out: dict[str, object] = {name: getattr(self, name) for name, f in type(self).model_fields.items() if f.repr}
         out["auth_tokens"] = len(self.auth_tokens)
+        out["redis_sentinel_password"] = "***" if self.redis_sentinel_password else ""
         return out
 
 
