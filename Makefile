@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install up test test-fast faults bench bench-smoke bench-isolation lint lint-deploy fmt clean
+.PHONY: install up test test-fast faults bench bench-smoke bench-isolation lint lint-deploy check-monitoring fmt clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,13 @@ lint: $(STAMP) lint-deploy
 lint-deploy: $(STAMP)
 	$(VENV)/bin/hadolint --failure-threshold style Dockerfile
 	$(PY) -m devtools.check_deploy
+
+## The alert rules of deploy/prometheus/: promtool's syntax check, then their unit tests (alerts_test.yml).
+## Needs promtool (Debian: apt-get install prometheus).
+check-monitoring:
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool check config deploy/prometheus/prometheus.yml
+	cd deploy/prometheus && promtool test rules alerts_test.yml
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format .

@@ -13,6 +13,7 @@ from gunicorn.glogging import Logger
 # The project root is on sys.path here: gunicorn changes to it before reading this file.
 from common.config import Settings, SettingsError
 from common.logging_setup import configure_logging, decorate
+from service.auth import require_token_or_opt_out
 from service.registration import registration_for
 from service.request_log import SUMMARY_ENVIRON_KEY, log_summary, summary_by_access_log
 
@@ -22,13 +23,17 @@ from service.request_log import SUMMARY_ENVIRON_KEY, log_summary, summary_by_acc
 try:
     _settings = Settings.from_env()
     registration_for(_settings)  # a bad REGISTRATION_FILE is a bad setting too
+    # No token and no opt-out: exit here, once, rather than let every worker fail to boot.
+    require_token_or_opt_out(_settings)
 except SettingsError as error:
     sys.exit(f"gunicorn.conf.py: {error}")
 
 bind = f"0.0.0.0:{_settings.port}"
 workers = _settings.web_concurrency
-# Threads, so that a few clients stalling mid-body (each read waits BODY_READ_TIMEOUT_SECONDS)
-# hold a thread each, not a whole worker: the others keep being served.
+# By default service/gunicorn_worker.py: gthread whose poller reads each request whole (within
+# REQUEST_DEADLINE_SECONDS) before a thread runs it, so clients dripping bytes hold no thread,
+# and whose workers take new connections in turn, so keep-alive clients spread over them all.
+# Every deployment (Procfile, compose, ECS, make up) runs this file, so they all get it.
 worker_class = _settings.gunicorn_worker_class
 threads = _settings.gunicorn_threads
 # mParticle holds connections open between batches; a keep-alive longer than its idle gap saves handshakes.

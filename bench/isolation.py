@@ -428,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         if output == OUTPUT:
             link_from_results()
         print(f"written to {output}")
+        from bench import charts  # matplotlib only when there is something to draw
+
+        for chart in charts.draw_isolation(output, out=output.parent):
+            print(f"drawn {chart}")
     return 0
 
 

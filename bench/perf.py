@@ -46,7 +46,7 @@ import redis
 import requests
 
 from bench.fault_run import API_KEY, TOKEN, drained
-from common.keys import Keys
+from common.keys import Keys, mark_digest
 from devtools.procs import BIN, ROOT, Proc, start_gunicorn, start_stub, start_worker, wait_for
 from devtools.redis_server import RedisServer
 from devtools.samples import FIXTURES
@@ -109,6 +109,9 @@ def membership_body(n_profiles: int) -> bytes:
         profile["mpid"] = str(-(2**62) + i)
         profiles.append(profile)
     message.update(id=PLACEHOLDER, user_profiles=profiles)
+    # The sample's account has no apiKey, and a change with work and no apiKey is refused at the
+    # door (400): without one the bench would measure the error path, not the store.
+    message["account"]["account_settings"]["apiKey"] = API_KEY
     return orjson.dumps(message)
 
 
@@ -279,9 +282,10 @@ def _load(
 ) -> dict[str, Any]:
     """One wrk run against one server; for the service, every 2xx must have stored one entry.
 
-    With keep-alive (gthread), wrk's connections stay with the worker that accepted them, and
-    now and then one worker accepts most or all of them while the others idle: such a run
-    measures one worker, not the app. It is counted (`one_worker`), and the run is made again
+    With keep-alive, wrk's connections stay with the worker that accepted them; under stock
+    gthread (an older revision in bench.compare, or GUNICORN_WORKER_CLASS=gthread) one worker now
+    and then accepts most or all of them while the others idle (service/gunicorn_worker.py takes
+    turns): such a run measures one worker, not the app. It is counted (`one_worker`), and the run is made again
     with new connections, up to `balance_attempts` times in all.
     """
     proc, url = server
@@ -508,10 +512,20 @@ def end_to_end(cfg: Config, env: dict[str, str], logs: Path) -> dict[str, Any]:
         for chunk in range(0, len(bodies), 500):
             pipe = client.pipeline(transaction=False)
             for body in bodies[chunk : chunk + 500]:
-                message_id = orjson.loads(body)["id"]
+                message = orjson.loads(body)
+                message_id, account_id = message["id"], message["account"]["account_id"]
+                # The arguments service/ingest.py's Ingest.accept gives the script.
                 accept(
-                    keys=[KEYS.seen(message_id), KEYS.inbox],
-                    args=[86400, body, "event_processing_request", message_id],
+                    keys=[KEYS.seen(message_id, account_id), KEYS.inbox],
+                    args=[
+                        86400,
+                        body,
+                        "event_processing_request",
+                        message_id,
+                        "",
+                        mark_digest(account_id, message_id),
+                        KEYS.seen_marks,
+                    ],
                     client=pipe,
                 )
             pipe.execute()
@@ -852,6 +866,10 @@ def main(argv: list[str] | None = None) -> int:
     if output:
         output.write_text(text)
         print(f"written to {output}")
+        from bench import charts  # matplotlib only when there is something to draw
+
+        for chart in charts.draw_results(output, out=output.parent):
+            print(f"drawn {chart}")
     return 0
 
 

@@ -175,7 +175,8 @@ class Settings(BaseSettings):
     dedup_ttl_seconds: int = setting(
         86400,
         "A message id seen within this many seconds is answered 2xx again and not queued twice. "
-        "Each id costs Redis about 133 bytes for this long: 21 GiB at 2,000 messages/s for 24 h "
+        "An accepted event message's marks (seen and delivered) cost Redis about 48 bytes for this long: "
+        "7.7 GiB at 2,000 messages/s for 24 h "
         '(README, "Sizing Redis"); shorten it at high rates.',
         group=ENDPOINT,
         gt=0,
@@ -401,9 +402,10 @@ class Settings(BaseSettings):
         ge=1,
     )
     gunicorn_worker_class: str = setting(
-        "gthread",
-        "gunicorn's worker class. Threads, so that a few clients stalling mid-body (each read waits "
-        "BODY_READ_TIMEOUT_SECONDS) hold a thread each, not a whole worker.",
+        "service.gunicorn_worker.RelayWorker",
+        "gunicorn's worker class. The default is gthread whose poller reads each whole request "
+        "(within REQUEST_DEADLINE_SECONDS) before a thread sees it, so slow clients hold no thread, "
+        "and which spreads connections over the worker processes (service/gunicorn_worker.py).",
         group=PROCESSES,
     )
     gunicorn_threads: int = setting(4, "Threads per gunicorn worker process.", group=PROCESSES, ge=1)
@@ -622,6 +624,19 @@ OTHER_VARIABLES = (
         "gives running deliveries 20 s to finish before their tasks go back to the queue.",
         PROCESSES,
         example="SIGQUIT",
+    ),
+    # docker-compose.yml reads these two; nothing in Python does.
+    OtherVariable(
+        "FLOWER_BASIC_AUTH",
+        "docker compose only: the login to Flower, user:password (required: compose refuses to start "
+        "without it, so the queues and task summaries are never open).",
+        PROCESSES,
+    ),
+    OtherVariable(
+        "GRAFANA_ADMIN_PASSWORD",
+        "docker compose --profile monitoring only: Grafana's admin password (default admin; Grafana is "
+        "published on 127.0.0.1 only).",
+        METRICS,
     ),
     # Process plumbing: gunicorn.conf.py sets it for its workers (prometheus_client reads it
     # from the environment at import), so it must stay an environment variable.

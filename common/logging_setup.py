@@ -27,7 +27,14 @@ import orjson
 from pythonjsonlogger.json import JsonEncoder, JsonFormatter
 
 from common.config import Settings
-from common.redaction import REDACTED, redact_message
+from common.redaction import (
+    MIN_SECRET_LENGTH,
+    REDACTED,
+    all_secret_forms,
+    escape_control,
+    redact_forms,
+    redact_message,
+)
 
 # --------------------------------------------------------------------------- context
 
@@ -77,8 +84,6 @@ _QUERY_SECRET = re.compile(
 )
 # The customer's settings maps, as JSON, Python repr or `name=` text: `"account_settings": {`.
 _SETTINGS_MAP = re.compile(r"""(?:account_settings|audience_subscription_settings)\\*['"]?\s*[:=]\s*""")
-# Shorter "secrets" would redact ordinary words; a real token is never this short.
-_MIN_SECRET_LENGTH = 6
 
 
 def _object_end(text: str, start: int) -> int:
@@ -125,10 +130,13 @@ def _redact_settings_maps(text: str) -> str:
 
 
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
-    """`text` with known secrets, credentials in headers and URLs, and settings maps replaced."""
-    for secret in secrets:
-        if secret in text:
-            text = text.replace(secret, REDACTED)
+    """`text` with known secrets (plain, JSON-escaped, URL- or base64-encoded), credentials in
+    headers and URLs, and settings maps replaced."""
+    return _redact_text(text, all_secret_forms(secrets))
+
+
+def _redact_text(text: str, forms: Iterable[str]) -> str:
+    text = redact_forms(text, forms)
     lowered = text.lower()
     if "authorization" in lowered:
         text = _AUTHORIZATION.sub(lambda m: m.group(1) + REDACTED, text)
@@ -151,17 +159,19 @@ class RedactionFilter(logging.Filter):
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         super().__init__()
-        # Longest first, so a token that contains another is replaced whole.
-        self.secrets = tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True))
+        self.secrets = tuple(s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH)
+        # Every form a secret may be logged in (escaped, encoded), longest first, so a form
+        # that contains another is replaced whole.
+        self._forms = all_secret_forms(self.secrets)
         # Each rule of redact_text acts only on text holding one of these (a secret, the two
         # words in any case, "=", "_settings"): text without any comes back unchanged, so one
         # search decides what most strings of a record need, on every log line of the web.
         self._suspect = re.compile(
-            "|".join(["(?i:authorization|bearer)", "=", "_settings", *(re.escape(s) for s in self.secrets)])
+            "|".join(["(?i:authorization|bearer)", "=", "_settings", *(re.escape(s) for s in self._forms)])
         )
 
     def _text(self, text: str) -> str:
-        return redact_text(text, self.secrets) if self._suspect.search(text) else text
+        return _redact_text(text, self._forms) if self._suspect.search(text) else text
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.msg = self._text(self._message(record))
@@ -272,11 +282,22 @@ class _JsonLines(JsonFormatter):
             return super().jsonify_log_record(log_data)
 
 
+class _TextLines(logging.Formatter):
+    """Plain lines, one per record whatever the record holds.
+
+    Every control character in the finished line is escaped (common.redaction.escape_control):
+    a logged value (a message's `type`, a path, an exception's text) with a line break or a
+    terminal escape in it cannot print a forged line or rewrite the screen. A traceback is
+    one line too, its line breaks written as `\\n`: its text quotes values as well.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_control(super().format(record))
+
+
 def make_formatter(service: str, fmt: str | None = None) -> logging.Formatter:
     if (fmt or log_format()) == TEXT:
-        return logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(event)s] %(message)s", defaults={"event": "log"}
-        )
+        return _TextLines("%(asctime)s %(levelname)s %(name)s [%(event)s] %(message)s", defaults={"event": "log"})
     return _JsonLines(
         "%(levelname)s %(name)s %(process)d %(message)s",
         rename_fields={"levelname": "level", "name": "logger", "process": "pid"},

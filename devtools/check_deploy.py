@@ -304,6 +304,8 @@ def dry_run(argv: list[str], context: Path, timeout: float = 60.0) -> subprocess
         "PORT": "8000",
         # Nothing here connects; a closed loopback port makes sure nothing could.
         "REDIS_URL": "redis://127.0.0.1:9/0",
+        # A web refuses to start without one; every deploy file supplies its own (checked below).
+        "FIREHOSE_AUTH_TOKEN": "check-deploy",
     }
     return subprocess.run(
         [resolved, *run[1:]], cwd=context, env=env, capture_output=True, text=True, timeout=timeout, check=False
@@ -370,15 +372,44 @@ def check_task_definition(doc: dict[str, Any]) -> list[str]:
     return problems
 
 
+def token_problems(compose: dict[str, Any], app_json: dict[str, Any], ecs: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each deployment's web gets FIREHOSE_AUTH_TOKEN: never a default anyone could read here.
+
+    The web refuses to start without one (service/auth.py); these make sure every shipped
+    deployment supplies its own rather than falling back to a public value.
+    """
+    problems = []
+    web = compose.get("services", {}).get("web", {})
+    value = (web.get("environment") or {}).get("FIREHOSE_AUTH_TOKEN")
+    loopback = all(str(port).startswith("127.0.0.1:") for port in web.get("ports", []))
+    if value is not None and not re.fullmatch(r"\$\{FIREHOSE_AUTH_TOKEN:?\?[^}]*\}", str(value)) and not loopback:
+        problems.append(
+            "compose web: FIREHOSE_AUTH_TOKEN must come from .env (${FIREHOSE_AUTH_TOKEN:?...}), "
+            "not a default, when the web is published beyond loopback"
+        )
+    heroku = app_json.get("env", {}).get("FIREHOSE_AUTH_TOKEN")
+    if not isinstance(heroku, dict) or "value" in heroku or heroku.get("generator") != "secret":
+        problems.append("app.json: FIREHOSE_AUTH_TOKEN must be generated (generator: secret), with no value")
+    for container in ecs.get("task-web.json", {}).get("containerDefinitions", []):
+        if "FIREHOSE_AUTH_TOKEN" not in {item.get("name") for item in container.get("secrets", [])}:
+            problems.append(f"deploy/ecs/task-web.json: {container.get('name')} takes no FIREHOSE_AUTH_TOKEN secret")
+    return problems
+
+
 def gunicorn_graceful_timeout() -> int:
     """graceful_timeout as gunicorn.conf.py sets it with the default environment."""
     namespace: dict[str, Any] = {}
     saved = os.environ.pop("GUNICORN_GRACEFUL_TIMEOUT", None)
+    # The file refuses to load without a token (or the opt-out); any token does for reading a timeout.
+    saved_token = os.environ.get("FIREHOSE_AUTH_TOKEN")
+    os.environ["FIREHOSE_AUTH_TOKEN"] = saved_token or "check-deploy"
     try:
         exec(compile((ROOT / "gunicorn.conf.py").read_text(), "gunicorn.conf.py", "exec"), namespace)
     finally:
         if saved is not None:
             os.environ["GUNICORN_GRACEFUL_TIMEOUT"] = saved
+        if saved_token is None:
+            del os.environ["FIREHOSE_AUTH_TOKEN"]
     return int(namespace["graceful_timeout"])
 
 
@@ -393,6 +424,8 @@ def all_problems() -> list[str]:
         problems.extend(f"{where}: {p}" for p in check_command(argv))
     for name, doc in ecs_task_definitions().items():
         problems.extend(f"deploy/ecs/{name}: {p}" for p in check_task_definition(doc))
+    app_json = json.loads((ROOT / "app.json").read_text())
+    problems.extend(token_problems(load_compose(), app_json, ecs_task_definitions()))
     files = set(context_files())
     for package in top_level_packages():
         if f"{package}/__init__.py" not in files:

@@ -10,7 +10,8 @@ Present-but-wrongly-typed envelope/account fields still raise `MessageInvalid`.
 
 `event_side_identities` translates the OpenDSR identities into the type names and
 encodings the same user's events carry (docs/partner-api.md, "Erasure"), so the
-partner finds the user without knowing OpenDSR.
+partner finds the user without knowing OpenDSR. The encodings are those the registration
+in effect asks for (`registered_encodings` of its `permissions`), passed in by the worker.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -48,6 +50,7 @@ __all__ = [
     "event_side_identities",
     "hash_identity_value",
     "parse_dsr",
+    "registered_encodings",
     "submitted_time_to_ms",
 ]
 
@@ -75,10 +78,12 @@ OPENDSR_TO_FIREHOSE: dict[str, str] = {
     "android_advertising_id": "google_advertising_id",
 }
 
-# The encoding our registration (service/module_registration.json, `permissions`) asks mParticle
-# to give each identity type on events. schemas/ may not import service/, so it is repeated
-# here; tests/unit/test_erasure.py fails if the two ever disagree. Types absent here never
-# reach the partner on events, and an erasure sends them as received.
+# The encoding the DEFAULT registration (service/module_registration.json, `permissions`) asks
+# mParticle to give each identity type on events: what an erasure uses when no registration is
+# passed in. The worker passes the one in effect (REGISTRATION_FILE may change encodings), via
+# `registered_encodings`. schemas/ may not import service/, so the default is repeated here;
+# tests/unit/test_erasure.py fails if the two ever disagree. Types absent never reach the
+# partner on events, and an erasure sends them as received.
 EVENT_IDENTITY_ENCODINGS: dict[str, str] = {
     "ios_advertising_id": "raw",
     "ios_vendor_id": "raw",
@@ -90,6 +95,22 @@ EVENT_IDENTITY_ENCODINGS: dict[str, str] = {
 }
 
 _HASHES = frozenset({"md5", "sha1", "sha256"})
+
+# The registration's permission lists that name identity types events may carry (§5.2).
+_IDENTITY_PERMISSIONS = ("device_identities", "user_identities", "partner_identities")
+
+
+def registered_encodings(registration: Mapping[str, Any]) -> dict[str, str]:
+    """Identity type → the encoding a registration asks mParticle to put on events, from its
+    `permissions` (a registration body as service.registration builds it). A registration without
+    permissions asks for no identities: every erasure identity is then sent as received."""
+    permissions = registration.get("permissions") or {}
+    return {
+        item["type"]: item["encoding"]
+        for name in _IDENTITY_PERMISSIONS
+        for item in permissions.get(name) or ()
+        if isinstance(item, Mapping) and isinstance(item.get("type"), str) and isinstance(item.get("encoding"), str)
+    }
 
 
 @dataclass(slots=True)
@@ -186,8 +207,11 @@ def hash_identity_value(value: str, encoding: str) -> str:
     return hashlib.new(encoding, normalised).hexdigest()
 
 
-def event_side_identities(identities: list[dict[str, str]]) -> tuple[list[dict[str, str]], int]:
-    """The identities as the user's events carry them: Firehose type names, registered encodings.
+def event_side_identities(
+    identities: list[dict[str, str]], encodings: Mapping[str, str] = EVENT_IDENTITY_ENCODINGS
+) -> tuple[list[dict[str, str]], int]:
+    """The identities as the user's events carry them: Firehose type names, the encodings
+    `encodings` (type → encoding, the registration's: `registered_encodings`) names.
 
     Each identity's type is translated (`OPENDSR_TO_FIREHOSE`); when the registration asks the
     events to carry that type hashed and the identity came raw, its value is hashed exactly as
@@ -202,7 +226,7 @@ def event_side_identities(identities: list[dict[str, str]]) -> tuple[list[dict[s
     for identity in identities:
         kind = OPENDSR_TO_FIREHOSE.get(identity["type"], identity["type"])
         encoding, value = identity["encoding"], identity["value"]
-        wanted = EVENT_IDENTITY_ENCODINGS.get(kind)
+        wanted = encodings.get(kind)
         if wanted is not None and wanted != encoding:
             if encoding == "raw" and wanted in _HASHES:
                 encoding, value = wanted, hash_identity_value(value, wanted)

@@ -1,8 +1,9 @@
 """The light check the request path makes before a message is accepted.
 
 What the service needs to answer and dedupe (the envelope and the account id), and what the
-worker could never deliver that is cheap to see here: an apiKey no HTTP header can carry, an
-event batch's mpid or consent_state of the wrong shape, a subscription that is not one. All
+worker could never deliver that is cheap to see here: a message with work and no apiKey, an
+apiKey no HTTP header can carry, an event batch's mpid or consent_state of the wrong shape, a
+subscription that is not one. All
 else is validated in the worker (schemas.events, schemas.audiences, schemas.dsr), where a bad
 part is skipped and counted, so a big batch costs the request path no more than a small one.
 """
@@ -29,6 +30,8 @@ from schemas.messages import (
     ACCOUNTLESS_TYPES,
     ENVELOPE_OPTIONAL_TYPES,
     EVENTS,
+    MEMBERSHIP,
+    REGISTRATION,
     REQUEST_TYPES,
     RESPONSE_TYPES,
     SUBSCRIPTION,
@@ -98,8 +101,13 @@ def _undeliverable(message: dict[str, Any], envelope: dict[str, Any]) -> None:
     mParticle (and the customer) at once. Only checks that cost next to nothing are made here;
     the worker skips and counts the bad parts of the rest (docs/architecture.md, "Shape problems").
     """
+    kind = envelope.get("type")
     settings = (envelope.get("account") or {}).get("account_settings") or {}
     api_key = settings.get("apiKey")
+    if not api_key and kind != REGISTRATION and carries_work(kind, message):
+        # Every partner call is authorised with it (the registration declares it required), so
+        # no attempt could deliver this; verification traffic, which queues nothing, needs none.
+        raise ValidationError({"account": {"account_settings": {"apiKey": [MISSING_API_KEY]}}})
     if isinstance(api_key, str) and not is_header_value(api_key):
         # It goes into the partner call's Authorization header: CR/LF, other control characters
         # or a character beyond Latin-1 cannot be sent, on this attempt or any other.
@@ -112,7 +120,6 @@ def _undeliverable(message: dict[str, Any], envelope: dict[str, Any]) -> None:
                 }
             }
         )
-    kind = envelope.get("type")
     if kind == EVENTS:
         mpid = message.get("mpid")
         # The schema's load only when there is something to check: most batches have a plain mpid
@@ -129,6 +136,29 @@ def _undeliverable(message: dict[str, Any], envelope: dict[str, Any]) -> None:
             parse_subscription(message)
         except MessageInvalid as exc:
             raise ValidationError(exc.errors) from None
+
+
+MISSING_API_KEY = "Missing: every partner call is authorised with the account's apiKey setting."
+
+
+def carries_work(kind: Any, message: dict[str, Any]) -> bool:
+    """False for verification traffic (protocol §1.4), which gets the normal answer and is not
+    queued: an event batch with neither events nor system notifications, a membership change
+    without user profiles. Raises ValidationError for such a list that is not one."""
+    if kind == EVENTS:
+        # A batch of consent notifications and no events (3.2.0 `allow_eventless_batches`) is
+        # real work; only a batch with neither is verification traffic.
+        return _non_empty_list(message, "events") or _non_empty_list(message, "system_notifications")
+    if kind == MEMBERSHIP:
+        return _non_empty_list(message, "user_profiles")
+    return True
+
+
+def _non_empty_list(message: dict[str, Any], field: str) -> bool:
+    value = message.get(field)
+    if value is not None and not isinstance(value, list):
+        raise ValidationError({field: ["Not a valid list."]})
+    return bool(value)
 
 
 _CONSENT_TEXT = ("document", "location", "hardware_id")

@@ -17,8 +17,10 @@ def read_body(request: Request, timeout_seconds: float, max_bytes: int | None = 
     """The body, or an ApiError: 408 for a client that stops sending, 400 for a broken body,
     413 over `max_bytes` (or the app's MAX_CONTENT_LENGTH).
 
-    Under gunicorn each read from the client gets `timeout_seconds`: with sync workers a client
-    that stalls mid-body would otherwise hold a whole worker until gunicorn kills it. A 408 is
+    Under the web's own worker class (service/gunicorn_worker.py) the body is already in memory
+    when the app reads it: the worker read it, within REQUEST_DEADLINE_SECONDS, before a thread
+    ran the request. Under any other worker each read from the client gets `timeout_seconds`: a
+    client that stalls mid-body would otherwise hold a worker until gunicorn kills it. A 408 is
     what mParticle retries, should it ever be the slow one.
     """
     if max_bytes is not None:

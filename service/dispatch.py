@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from marshmallow import ValidationError
 
-from schemas.envelope import load_envelope
-from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_TYPES, RESPONSES, SUBSCRIPTION
+from schemas.envelope import carries_work, load_envelope
+from schemas.messages import MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_TYPES, RESPONSES, SUBSCRIPTION
 from schemas.responses import response_envelope
 from service.errors import ApiError
 from service.ingest import Ingest, IngestUnavailable
@@ -38,15 +38,16 @@ def parse(body: bytes) -> Any:
         raise ApiError(400, "invalid_json", f"Body is not valid JSON: {exc.msg}.") from None
 
 
-def _too_deep(message: Any, body: bytes) -> bool:
-    """Whether the message nests deeper than orjson can write (MAX_DEPTH).
+def _too_deep(message: Any) -> bool:
+    """Whether the message nests deeper than orjson can write (MAX_DEPTH): a trial write.
 
-    Counting brackets is a C-speed scan that clears nearly every message at once: fewer than
-    MAX_DEPTH opening brackets in all cannot nest that deep. Only bodies with more pay for a
-    trial write, which stops with an error at the first level too deep.
+    The write is exact and, for anything but a tiny body, cheaper than any scan of the raw
+    bytes: counting the brackets (two passes of bytes.count) cost more than the write itself
+    (about 90 us against 50 us for a 130 KB membership change, 390 against 300 us for a
+    1,000-event batch), and any body of real size has more than MAX_DEPTH brackets, so it paid
+    for both. Nothing orjson.loads returns fails to write except by depth: its numbers are
+    within int64/uint64 or floats, its keys strings.
     """
-    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
-        return False
     try:
         orjson.dumps(message)
     except orjson.JSONEncodeError:
@@ -55,21 +56,12 @@ def _too_deep(message: Any, body: bytes) -> bool:
 
 
 def _has_work(kind: str, message: dict[str, Any]) -> bool:
-    """False for verification traffic, which gets a normal answer and is not queued."""
-    if kind == EVENTS:
-        # A batch of consent notifications and no events (3.2.0 `allow_eventless_batches`) is
-        # real work; only a batch with neither is verification traffic.
-        return _non_empty_list(message, "events") or _non_empty_list(message, "system_notifications")
-    if kind == MEMBERSHIP:
-        return _non_empty_list(message, "user_profiles")
-    return True
-
-
-def _non_empty_list(message: dict[str, Any], field: str) -> bool:
-    value = message.get(field)
-    if value is not None and not isinstance(value, list):
-        raise ApiError(400, "invalid_envelope", "Invalid message envelope.", {field: ["Not a valid list."]})
-    return bool(value)
+    """False for verification traffic, which gets a normal answer and is not queued (one rule,
+    schemas.envelope.carries_work, which the door's apiKey check uses too)."""
+    try:
+        return carries_work(kind, message)
+    except ValidationError as exc:
+        raise ApiError(400, "invalid_envelope", "Invalid message envelope.", exc.messages_dict) from None
 
 
 def _audience_account(envelope: dict[str, Any]) -> tuple[int, str | None]:
@@ -116,7 +108,7 @@ def dispatch(
             headers={"WWW-Authenticate": "Token"},
         )
     # After the token: a caller without one learns nothing about the body (401 first).
-    if _too_deep(message, body):
+    if _too_deep(message):
         raise ApiError(
             400, "invalid_json", f"Body nests deeper than {MAX_DEPTH} levels; nothing that deep can be sent on."
         )
@@ -143,7 +135,8 @@ def dispatch(
                 # The answer's suspension flag is read in the same round trip as the store.
                 stored, suspended = ingest.accept_and_check(message_id, kind, body, *_audience_account(envelope))
             else:
-                stored = ingest.accept(message_id, kind, body)
+                # Per account: mParticle's message ids are unique within an account, not across them.
+                stored = ingest.accept(message_id, kind, body, envelope["account"]["account_id"])
         except IngestUnavailable as exc:
             count_enqueue_failure(kind)
             log.warning(

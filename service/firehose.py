@@ -9,7 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from common.config import Settings
-from service.auth import token_is_valid
+from service.auth import request_is_authorized
 from service.body import read_body
 from service.dispatch import dispatch, parse
 from service.errors import json_response
@@ -23,7 +23,7 @@ bp = Blueprint("firehose", __name__)
 @bp.post("/firehose/<path:_anything>")
 def receive(_anything: str | None = None) -> Response:
     settings: Settings = current_app.config["SETTINGS"]
-    authorized = token_is_valid(request.headers.get("Authorization"), settings.auth_tokens)
+    authorized = request_is_authorized(request.headers.get("Authorization"), settings)
     # Without a token only a registration may come, and it is tiny: a stranger gets no more
     # than UNAUTHENTICATED_MAX_BODY_BYTES of our memory and time.
     body = read_body(

@@ -10,44 +10,127 @@ Redis stream (the inbox) exactly as it arrived; workers move it on to Celery (wo
 from __future__ import annotations
 
 import hashlib
+import logging
+import time
 
 import redis
 from flask import Flask, current_app
 from redis.commands.core import Script
 from redis.exceptions import NoScriptError
 
-from common.config import Settings
-from common.keys import Keys, partner_key
-from common.redis_conn import ingest_client
+from common.config import Settings, SettingsError
+from common.keys import Keys, mark_digest, partner_key
+from common.marks import LUA as MARKS_LUA
+from common.redis_conn import ingest_redis
 
-# SET NX marks the id as seen and XADD stores the body: both or neither, atomically, so a
-# retry of a message we stored is recognised, and a message we did not store is not.
-_STORE = """
+log = logging.getLogger(__name__)
+
+# The seen mark (common/marks.py; KEYS[1] is its older one-key form, still honoured) and XADD
+# of the body: both or neither, atomically, so a retry of a message we stored is recognised, and
+# a message we did not store is not. ARGV[6] is the mark's digest, ARGV[7] its namespace.
+_STORE = (
+    MARKS_LUA
+    + """
 local stored = 0
-if redis.call('SET', KEYS[1], '1', 'NX', 'EX', tonumber(ARGV[1])) then
+local now = mark_now()
+local found = mark_find(ARGV[7], KEYS[1], ARGV[6], tonumber(ARGV[1]), now)
+if not found then
+  mark_add(ARGV[7], ARGV[6], tonumber(ARGV[1]), now)
   redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'type', ARGV[3], 'id', ARGV[4])
   stored = 1
 end
 """
+)
+# Under REDIS_MIN_REPLICAS a retry of a message whose 2xx WAIT could not confirm finds its mark:
+# the mark must not answer 2xx by itself. Writing it again makes this call a write, so the WAIT
+# that follows covers everything before it in the replication stream, the first copy included:
+# 2xx once a replica holds that copy, 503 again until then. After a failover that lost the copy
+# the mark is gone too, and the retry stores the message anew.
+_TOUCH = """
+if found == KEYS[1] then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
+elseif found then
+  redis.call('HSET', found, ARGV[6], 1)
+end
+"""
 
 # Whether the partner refused this account's current API key for audiences: the flag at
-# `suspend_key` holds the refused key's hash. A flag for another key means the customer has
-# since changed it: clear it and try again.
+# `suspend_key` holds the refused key's hash. A message without a key proves nothing about the
+# refused one, so it is answered "suspended" and leaves the flag. Only a message stored now
+# (`may_clear`) with a different, non-empty key lifts it: the customer changed the key in
+# mParticle. Verification traffic stores nothing and never lifts it.
 _CHECK_SUSPENDED = """
 local suspended = 0
 local flag = redis.call('GET', suspend_key)
 if flag then
-  if flag == current_key then suspended = 1 else redis.call('DEL', suspend_key) end
+  if flag == current_key or current_key == '' then
+    suspended = 1
+  elseif may_clear then
+    redis.call('DEL', suspend_key)
+  end
 end
 """
 
-_ACCEPT = _STORE + "return stored"
-# A membership change's answer says whether to suspend: asked in the same round trip.
-_ACCEPT_AND_CHECK = (
-    _STORE + "local suspend_key, current_key = KEYS[3], ARGV[5]" + _CHECK_SUSPENDED + "return {stored, suspended}"
-)
+
+def _accept_script(confirm: bool) -> str:
+    return _STORE + (_TOUCH if confirm else "") + "return stored"
+
+
+def _accept_and_check_script(confirm: bool) -> str:
+    # A membership change's answer says whether to suspend: asked in the same round trip.
+    return (
+        _STORE
+        + (_TOUCH if confirm else "")
+        + "local suspend_key, current_key, may_clear = KEYS[3], ARGV[5], stored == 1\n"
+        + _CHECK_SUSPENDED
+        + "return {stored, suspended}"
+    )
+
+
+_ACCEPT = _accept_script(False)
 # Verification traffic stores nothing, but its answer still says whether to suspend.
-_SUSPENDED = "local suspend_key, current_key = KEYS[1], ARGV[1]" + _CHECK_SUSPENDED + "return suspended"
+_SUSPENDED = (
+    "local suspend_key, current_key, may_clear = KEYS[1], ARGV[1], false" + _CHECK_SUSPENDED + "return suspended"
+)
+
+# maxmemory-policy values that let Redis delete keys to make room: queued messages and dedupe
+# marks among them, answered 2xx and then gone.
+_EVICTING = ("allkeys-", "volatile-")
+# How often one process reads INFO memory for the high-watermark check: never per request.
+MEMORY_CHECK_INTERVAL_S = 1.0
+
+
+class RedisPolicyError(SettingsError):
+    """Redis would evict keys under memory pressure: refused at start, with how to fix it."""
+
+    def __init__(self, policy: str) -> None:
+        problem = (
+            f"Redis's maxmemory-policy is {policy!r}: when Redis fills up it would delete queued messages "
+            "and dedupe marks that were already answered 2xx. Set it to noeviction (redis.conf "
+            "`maxmemory-policy noeviction`, `CONFIG SET maxmemory-policy noeviction`, or the managed "
+            "service's parameter group / plan setting) and start again."
+        )
+        self.problems = [problem]
+        ValueError.__init__(self, problem)
+
+
+def check_eviction_policy(client: redis.Redis) -> str | None:
+    """Raise RedisPolicyError on an evicting maxmemory-policy; the policy read, or None when it
+    could not be read (a managed Redis may forbid CONFIG, or Redis is not up yet): a warning then."""
+    try:
+        policy = client.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.RedisError as exc:
+        log.warning(
+            "redis_policy_unchecked error=%s",
+            type(exc).__name__,
+            extra={"event": "redis_policy_unchecked", "error": type(exc).__name__},
+        )
+        return None
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy and policy.startswith(_EVICTING):
+        raise RedisPolicyError(policy)
+    return policy
 
 
 class IngestUnavailable(Exception):
@@ -69,18 +152,34 @@ class Ingest:
         settings: Settings = app.config["SETTINGS"]
         self.keys = Keys(settings.key_prefix)
         self.ttl = settings.dedup_ttl_seconds
-        self.client = ingest_client(settings.redis_url, settings.ingest_redis_timeout_ms, settings.redis_ssl_cert_reqs)
-        self._accept = self.client.register_script(_ACCEPT)
-        self._accept_and_check = self.client.register_script(_ACCEPT_AND_CHECK)
+        # Through Sentinel when REDIS_SENTINELS is set (common/redis_conn.py), else REDIS_URL as it is.
+        self.client = ingest_redis(settings, settings.ingest_redis_timeout_ms)
+        self.min_replicas = settings.redis_min_replicas
+        # WAIT must answer within the request's Redis budget, with room for the reply to arrive
+        # before the socket timeout (the same budget) gives up on it. WAIT 0 would block forever.
+        budget = settings.ingest_redis_timeout_ms
+        self.wait_ms = max(1, budget - max(5, budget // 5))
+        self.watermark = settings.redis_memory_high_watermark
+        self._memory_high = False
+        self._memory_next_check = 0.0
+        self._memory_checkable = True
+        confirm = self.min_replicas > 0
+        self._accept = self.client.register_script(_accept_script(confirm))
+        self._accept_and_check = self.client.register_script(_accept_and_check_script(confirm))
         self._suspended = self.client.register_script(_SUSPENDED)
+        # Web and workers both build their app through here (workers/worker.py): one check for both.
+        check_eviction_policy(self.client)
         app.extensions["ingest"] = self
 
-    def accept(self, message_id: str | None, kind: str, body: bytes) -> bool:
-        """Store the message unless its id was accepted before; True when stored now."""
+    def accept(self, message_id: str | None, kind: str, body: bytes, account_id: int | str | None = None) -> bool:
+        """Store the message unless this account's message id was accepted before; True when stored now."""
         dedupe_id = self._dedupe_id(message_id, body)
+        self._check_memory()
         try:
-            stored = self._run(
-                self._accept, (self.keys.seen(dedupe_id), self.keys.inbox), (self.ttl, body, kind, dedupe_id)
+            stored = self._store(
+                self._accept,
+                (self.keys.seen(dedupe_id, account_id), self.keys.inbox),
+                (self.ttl, body, kind, dedupe_id, "", *self._mark(dedupe_id, account_id)),
             )
         except redis.RedisError as exc:
             raise IngestUnavailable(type(exc).__name__) from exc
@@ -91,17 +190,21 @@ class Ingest:
     ) -> tuple[bool, bool]:
         """`accept`, and `suspended` for the account, in one round trip: (stored now, suspended)."""
         dedupe_id = self._dedupe_id(message_id, body)
-        keys = (self.keys.seen(dedupe_id), self.keys.inbox, self.keys.suspended(account_id))
+        self._check_memory()
+        keys = (self.keys.seen(dedupe_id, account_id), self.keys.inbox, self.keys.suspended(account_id))
         try:
-            stored, suspended = self._run(
-                self._accept_and_check, keys, (self.ttl, body, kind, dedupe_id, self._flag(api_key))
+            stored, suspended = self._store(
+                self._accept_and_check,
+                keys,
+                (self.ttl, body, kind, dedupe_id, self._flag(api_key), *self._mark(dedupe_id, account_id)),
             )
         except redis.RedisError as exc:
             raise IngestUnavailable(type(exc).__name__) from exc
         return bool(stored), bool(suspended)
 
     def suspended(self, account_id: int, api_key: str | None) -> bool:
-        """True when the partner answered 401/403 to this account's audience calls with this key."""
+        """True when the partner answered 401/403 to this account's audience calls with this key
+        (or the message has no key while such a refusal stands). Never changes the flag."""
         try:
             flag = self._run(self._suspended, (self.keys.suspended(account_id),), (self._flag(api_key),))
         except redis.RedisError:
@@ -109,9 +212,67 @@ class Ingest:
             return False
         return bool(flag)
 
+    def memory_high(self) -> bool:
+        """Whether Redis's used memory was above REDIS_MEMORY_HIGH_WATERMARK x maxmemory when last
+        read (at most once a second per process, so no request pays a round trip for it)."""
+        now = time.monotonic()
+        if not self._memory_checkable or now < self._memory_next_check:
+            return self._memory_high
+        self._memory_next_check = now + MEMORY_CHECK_INTERVAL_S
+        try:
+            memory = self.client.info("memory")
+        except redis.ResponseError:
+            # A managed Redis may rename or forbid INFO: then Redis's own OOM refusal is the limit.
+            self._memory_checkable = False
+            log.warning("redis_memory_unchecked", extra={"event": "redis_memory_unchecked"})
+            return False
+        except redis.RedisError:
+            return self._memory_high  # slow or away now: the store itself will tell
+        maxmemory = int(memory.get("maxmemory") or 0)
+        used = int(memory.get("used_memory") or 0)
+        high = bool(maxmemory) and used >= self.watermark * maxmemory
+        if high != self._memory_high:
+            log.warning(
+                "redis_memory_high" if high else "redis_memory_ok",
+                extra={"event": "redis_memory_high" if high else "redis_memory_ok", "used": used, "max": maxmemory},
+            )
+        self._memory_high = high
+        return high
+
+    def _check_memory(self) -> None:
+        # Before writing: near maxmemory, new messages wait (503) so the workers have room to drain.
+        if self.memory_high():
+            raise IngestUnavailable("memory_high")
+
+    def _store(self, script: Script, keys: tuple[str, ...], args: tuple[object, ...]) -> object:
+        """Run a storing script; under REDIS_MIN_REPLICAS, WAIT for the replicas in the same round
+        trip (one pipeline) and raise IngestUnavailable when too few confirmed in time."""
+        if not self.min_replicas:
+            return self._run(script, keys, args)
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
+            result, confirmed = pipe.execute(raise_on_error=False)
+            if isinstance(result, NoScriptError):
+                script.sha = self.client.script_load(script.script)
+                continue
+            if isinstance(result, Exception):
+                raise result
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if int(confirmed) < self.min_replicas:
+                raise IngestUnavailable(f"replicas_confirmed={int(confirmed)}")
+            return result
+        raise NoScriptError("script not loaded")
+
     @staticmethod
     def _dedupe_id(message_id: str | None, body: bytes) -> str:
         return message_id or "sha256-" + hashlib.sha256(body).hexdigest()
+
+    def _mark(self, dedupe_id: str, account_id: int | str | None) -> tuple[bytes, str]:
+        """The seen mark's digest and namespace (ARGV[6], ARGV[7] of the storing scripts)."""
+        return mark_digest(account_id, dedupe_id), self.keys.seen_marks
 
     @staticmethod
     def _flag(api_key: str | None) -> str:

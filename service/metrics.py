@@ -16,11 +16,13 @@ The request path pays two metric updates per request and no Redis call.
 
 from __future__ import annotations
 
+import base64
 import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import orjson
 import redis
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
@@ -32,7 +34,7 @@ from common import stats
 from common.config import Settings
 from common.keys import BACKLOG_LUA, Keys
 from common.names import DELIVERY_QUEUE
-from common.redis_conn import ingest_client
+from common.redis_conn import ingest_redis
 from schemas.messages import REQUEST_TYPES, RESPONSE_TYPES
 
 # Process plumbing, not a setting: gunicorn.conf.py sets it for its workers at server start,
@@ -41,6 +43,54 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Celery's queue is a Redis list named after it; tasks workers hold sit in kombu's "unacked" hash.
 CELERY_QUEUE = DELIVERY_QUEUE
 CELERY_UNACKED = "unacked"
+
+# The age of the oldest message in every place one waits, read in the same round trip as the
+# depths, on Redis's clock (the one that stamped the inbox ids). KEYS: inbox, lanes set, retry
+# schedule, dead-letter index; ARGV: lane key prefix, retries looked at from each end, the
+# dead-letter index's lowest live score (seconds: now minus DLQ_RETENTION_SECONDS).
+# Returns {now ms, then the oldest acceptance time in ms of the inbox with the pump's lanes, the
+# retry schedule and the dead letters (their dead_at), -1 where empty}. A stream's head is the
+# entry that waited longest there; its first_seen field (retries, units), when present, is when
+# the message was accepted. The retry schedule is ordered by due time, not age: its oldest
+# message is near one end or the other (a long backoff at the far end, a hold at the near one),
+# and only those ends are read, so a scrape stays cheap whatever its size.
+AGES_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function older(a, b)
+  if a == nil or (b ~= nil and b < a) then return b end
+  return a
+end
+local function head_ms(key)
+  local head = redis.call('XRANGE', key, '-', '+', 'COUNT', 1)
+  if #head == 0 then return nil end
+  local ms = tonumber(string.match(head[1][1], '^(%d+)'))
+  local fields = head[1][2]
+  for j = 1, #fields, 2 do
+    if fields[j] == 'first_seen' then ms = tonumber(fields[j + 1]) or ms end
+  end
+  return ms
+end
+local inbox = head_ms(KEYS[1])
+for _, lane in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  inbox = older(inbox, head_ms(ARGV[1] .. lane))
+end
+local retry = nil
+local n = tonumber(ARGV[2])
+for _, range in ipairs({{0, n - 1}, {-n, -1}}) do
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[3], range[1], range[2])) do
+    -- first_seen is written before the body; a body's own quotes are escaped, so no false match.
+    retry = older(retry, tonumber(string.match(member, '"first_seen":(%d+)')))
+  end
+end
+local dead = nil
+-- Letters older than the retention have expired: their index entries linger until the next
+-- dead letter or `flask dlq` prunes them, and are not counted.
+local first = redis.call('ZRANGEBYSCORE', KEYS[4], ARGV[3], '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #first == 2 then dead = math.floor(tonumber(first[2]) * 1000) end
+return {now, inbox or -1, retry or -1, dead or -1}
+"""
+RETRY_AGE_SAMPLE = 50
 
 # Sized around mParticle's 100 ms answer budget.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -145,12 +195,12 @@ class RedisCollector:
         if timeout_ms is None:
             timeout_ms = settings.metrics_redis_timeout_ms
         self.keys = Keys(settings.key_prefix)
+        self.retention_s = settings.dlq_retention_seconds
+        self.watermark = settings.redis_memory_high_watermark
         # One attempt, bounded: a scrape that hangs on Redis would tie up a web worker.
-        self.client = ingest_client(settings.redis_url, timeout_ms, settings.redis_ssl_cert_reqs)
+        self.client = ingest_redis(settings, timeout_ms)
         same_server = settings.broker_url in ("", settings.redis_url)
-        self.broker = (
-            None if same_server else ingest_client(settings.broker_url, timeout_ms, settings.redis_ssl_cert_reqs)
-        )
+        self.broker = None if same_server else ingest_redis(settings, timeout_ms, url=settings.broker_url)
 
     def describe(self) -> list[Metric]:
         # Nothing to declare up front; registering must not cost a Redis round trip.
@@ -162,16 +212,23 @@ class RedisCollector:
         # The backlog not yet handed to Celery: the inbox and the pump's per-key lanes.
         pipe.eval(BACKLOG_LUA, 2, self.keys.inbox, self.keys.lanes, self.keys.lane_prefix)
         pipe.zcard(self.keys.retry_schedule)
-        pipe.zcard(self.keys.dead_letter_index)
+        # Only the letters still kept: expired ones leave their index entry behind for a while.
+        live_since = time.time() - self.retention_s
+        pipe.zcount(self.keys.dead_letter_index, live_since, "+inf")
         pipe.hgetall(self.keys.skipped_events)
         pipe.hgetall(self.keys.stats)
         pipe.hgetall(self.keys.partner_latency)
         # Not a series per API key: how many are open. Forgotten breakers (no call came for them
         # since) may linger in the set until the next opening prunes it; they are not counted.
         pipe.zcount(self.keys.breakers_open, time.time_ns() // 1_000_000 - stats.BREAKER_FORGET_MS, "+inf")
+        keys = self.keys
+        ages_keys = (keys.inbox, keys.lanes, keys.retry_schedule, keys.dead_letter_index)
+        pipe.eval(AGES_LUA, 4, *ages_keys, keys.lane_prefix, RETRY_AGE_SAMPLE, live_since)
+        pipe.hgetall(stats.delivery_lag_key(self.keys))
         if self.broker is None:
             pipe.llen(CELERY_QUEUE)
             pipe.hlen(CELERY_UNACKED)
+            pipe.lindex(CELERY_QUEUE, -1)
         try:
             results = pipe.execute()
         except redis.RedisError:
@@ -180,7 +237,7 @@ class RedisCollector:
             return
         up.add_metric([], 1)
         yield up
-        backlog, retry, dead, skipped, counters, latency, breakers, *celery = results
+        backlog, retry, dead, skipped, counters, latency, breakers, ages, lag, *celery = results
         inbox, lanes = (int(n) for n in backlog)
         if self.broker is not None:
             celery = self._broker_depths(self.broker)
@@ -197,6 +254,8 @@ class RedisCollector:
             depth.add_metric(["celery"], celery[0])
             depth.add_metric(["unacked"], celery[1])
         yield depth
+        yield self._ages(ages, celery[2] if celery else None)
+        yield self._lag(_decode(lag))
         # A count, never a series per API key.
         yield GaugeMetricFamily("firehose_lanes", "Per-API-key lanes the pump takes turns across.", lanes)
 
@@ -210,16 +269,21 @@ class RedisCollector:
         skipped_family = CounterMetricFamily(
             "firehose_skipped_events", "Events left out of a delivered batch, by reason.", labels=["reason"]
         )
-        for reason, value in sorted(_decode(skipped).items()):
-            skipped_family.add_metric([reason], _int(value))
+        # Written bounded (workers/delivery.py); bounded again here for what older code wrote.
+        reasons: dict[str, int] = {}
+        for reason, value in _decode(skipped).items():
+            label = stats.skip_reason(reason)
+            reasons[label] = reasons.get(label, 0) + _int(value)
+        for reason, value in sorted(reasons.items()):
+            skipped_family.add_metric([reason], value)
         yield skipped_family
 
         yield from self._worker_counters(_decode(counters))
         yield self._latency(_decode(latency))
-        yield from self._memory(self.client)
+        yield from self._memory(self.client, self.watermark)
 
     @staticmethod
-    def _memory(client: redis.Redis) -> Iterable[Metric]:
+    def _memory(client: redis.Redis, watermark: float) -> Iterable[Metric]:
         # Dedupe marks live DEDUP_TTL_SECONDS each, so memory grows with rate x TTL (README,
         # "Sizing Redis"); Redis runs noeviction, so a full one refuses new messages (503s).
         # A server that forbids INFO (some managed ones rename it) just leaves these out.
@@ -237,6 +301,14 @@ class RedisCollector:
             memory.get("maxmemory", 0),
         )
         yield GaugeMetricFamily("firehose_redis_keys", "Keys in the relay's Redis database: mostly dedupe marks.", keys)
+        # The web's own test (service/ingest.py memory_high): while 1, new messages are answered 503.
+        used, limit = _int(memory.get("used_memory", 0)), _int(memory.get("maxmemory", 0))
+        yield GaugeMetricFamily(
+            "firehose_redis_memory_high",
+            "1 while Redis's used memory is at or above REDIS_MEMORY_HIGH_WATERMARK x maxmemory "
+            "(new messages answered 503); 0 otherwise or without maxmemory.",
+            int(bool(limit) and used >= watermark * limit),
+        )
 
     @staticmethod
     def _broker_depths(broker: redis.Redis) -> list[int]:
@@ -245,6 +317,7 @@ class RedisCollector:
             pipe = broker.pipeline(transaction=False)
             pipe.llen(CELERY_QUEUE)
             pipe.hlen(CELERY_UNACKED)
+            pipe.lindex(CELERY_QUEUE, -1)
             return list(pipe.execute())
         except redis.RedisError:
             return []
@@ -259,32 +332,91 @@ class RedisCollector:
             family = CounterMetricFamily(
                 "firehose_worker_events", "Other counters the workers keep in Redis, by name.", labels=["counter"]
             )
+            named: dict[str, int] = {}
             for field in others:
-                family.add_metric([field], _int(values[field]))
+                label = stats.counter_label(field)
+                named[label] = named.get(label, 0) + _int(values[field])
+            for label, value in sorted(named.items()):
+                family.add_metric([label], value)
             yield family
 
     @staticmethod
-    def _latency(values: dict[str, bytes]) -> Metric:
-        bounds: dict[float, int] = {bound: 0 for bound in stats.LATENCY_BUCKETS}
+    def _ages(ages: list[Any], celery_head: bytes | None) -> Metric:
+        now_ms, *oldest = (_int(ms) for ms in ages)
+        family = GaugeMetricFamily(
+            "firehose_oldest_message_age_seconds",
+            "Seconds since the oldest waiting message was accepted (0 when none waits), by where it waits: "
+            "inbox (the inbox and the pump's lanes), celery (Celery's queue), retry (the retry schedule), "
+            "dead_letters (since the oldest dead letter was stored).",
+            labels=["queue"],
+        )
+        celery = _celery_first_seen(celery_head)
+        for queue, ms in zip(("inbox", "retry", "dead_letters"), oldest, strict=True):
+            family.add_metric([queue], max(0, now_ms - ms) / 1000 if ms >= 0 else 0)
+        family.add_metric(["celery"], max(0, now_ms - celery) / 1000 if celery is not None else 0)
+        return family
+
+    @staticmethod
+    def _lag(values: dict[str, bytes]) -> Metric:
+        family = HistogramMetricFamily(
+            "firehose_delivery_lag_seconds",
+            "Seconds from a message's acceptance to the partner's 2xx for it, by message type, across every worker.",
+            labels=["type"],
+        )
+        by_type: dict[str, dict[str, bytes]] = {}
         for field, value in values.items():
-            if field.startswith("le_") and _is_number(field[3:]):
-                bounds[float(field[3:])] = _int(value)
-        count = _int(values.get("count", 0))
-        buckets: list[tuple[str, float]] = []
-        running = 0
-        for bound in sorted(bounds):
-            # Buckets are written by a non-transactional pipeline: a scrape between its
-            # commands could see a smaller bucket after a larger one. Keep them cumulative.
-            running = max(running, bounds[bound])
-            buckets.append((floatToGoString(bound), running))
-        buckets.append(("+Inf", max(running, count)))
-        total = values.get("sum", 0)
+            kind, _, part = field.rpartition("|")
+            by_type.setdefault(stats.message_label(kind), {})[part] = value
+        for kind, parts in sorted(by_type.items()):
+            buckets, total = _cumulative(parts, stats.LAG_BUCKETS)
+            family.add_metric([kind], buckets, total)
+        return family
+
+    @staticmethod
+    def _latency(values: dict[str, bytes]) -> Metric:
+        buckets, total = _cumulative(values, stats.LATENCY_BUCKETS)
         return HistogramMetricFamily(
             "firehose_partner_latency_seconds",
             "Partner call latency, across every worker.",
             buckets=buckets,
-            sum_value=float(total) if _is_number(total) else 0.0,
+            sum_value=total,
         )
+
+
+def _cumulative(values: dict[str, Any], known: Iterable[float]) -> tuple[list[tuple[str, float]], float]:
+    """(buckets, sum) of a histogram kept in a Redis hash (common/stats.py)."""
+    bounds: dict[float, int] = {bound: 0 for bound in known}
+    for field, value in values.items():
+        if field.startswith("le_") and _is_number(field[3:]):
+            bounds[float(field[3:])] = _int(value)
+    count = _int(values.get("count", 0))
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound in sorted(bounds):
+        # Buckets are written by a non-transactional pipeline: a scrape between its
+        # commands could see a smaller bucket after a larger one. Keep them cumulative.
+        running = max(running, bounds[bound])
+        buckets.append((floatToGoString(bound), running))
+    buckets.append(("+Inf", max(running, count)))
+    total = values.get("sum", 0)
+    return buckets, float(total) if _is_number(total) else 0.0
+
+
+def _celery_first_seen(raw: bytes | None) -> int | None:
+    """first_seen_ms of the task at the head of Celery's queue (kombu pushes left, pops right):
+    a kombu message whose base64 body is Celery's [args, kwargs, embed]. None if unreadable."""
+    if not raw:
+        return None
+    try:
+        message = orjson.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = orjson.loads(body)
+        first_seen = kwargs.get("first_seen_ms")
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return first_seen if isinstance(first_seen, int) and not isinstance(first_seen, bool) else None
 
 
 class _Scrape:

@@ -18,6 +18,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from common.config import Settings
+from service.auth import usable_tokens
 
 DEFAULT_URL = "http://127.0.0.1:8000/firehose"
 # Connecting must be quick on loopback or a LAN; the answer may take the relay's whole budget and more.
@@ -83,7 +84,8 @@ def send(target: Path, url: str, token: str | None, timeout: float) -> None:
         raise click.UsageError(f"no *.json files in {target}")
     if token is None:
         settings: Settings = current_app.config["SETTINGS"]
-        token = settings.auth_tokens[0] if settings.auth_tokens else None
+        tokens = usable_tokens(settings.auth_tokens)
+        token = tokens[0] if tokens else None
     failed = 0
     with requests.Session() as session:
         for path in files:

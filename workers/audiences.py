@@ -18,7 +18,12 @@ update, remove) take the same lock and keep their own timestamp in the same hash
 `add` never undoes a newer `update`. A `remove` also keeps its timestamp in a field of its own:
 the partner deleted the audience with all its members then, so a member change older than it
 (a late retry) is dropped rather than recreating the audience; member changes and subscription
-`add`s newer than it recreate it.
+`add`s newer than it recreate it. The other way round too: the newest acknowledged member change
+of the audience is kept (MEMBERS_FIELD), and a `remove` older than it is dropped, as is a repeat
+of the very `remove` last applied (same message: a retry that raced past its delivered mark):
+either would delete members the partner took after the removal, for an audience mParticle
+evidently subscribed again. Between a `remove` and a member change of the same millisecond,
+arrival order decides, as between two member changes.
 
 Within one message a user's changes to one audience collapse into one (`collapse_changes`): the
 last `add`/`delete` decides membership, and attribute changes travel with the membership they
@@ -73,6 +78,11 @@ SUBSCRIPTION_FIELD = "subscription"
 # apart from SUBSCRIPTION_FIELD because a later `add` moves that one on, and a member change from
 # before the remove must stay dropped even then (the partner deleted its user with the audience).
 REMOVED_FIELD = "subscription:removed"
+# The newest acknowledged member change of the audience (any user): a `remove` older than it would
+# delete those members too, so it is dropped.
+MEMBERS_FIELD = "subscription:members"
+# The message id of the `remove` REMOVED_FIELD comes from: its repeat is no new removal.
+REMOVED_ID_FIELD = "subscription:removed_id"
 
 # How long the applied timestamps are kept after the audience last changed: longer than any
 # message can be retried or replayed (mParticle's data age is 24 h; dead letters may wait longer).
@@ -163,16 +173,30 @@ class AudienceGuard:
         args: list[Any] = [APPLIED_TTL_SECONDS]
         for change in operation.payload["changes"]:
             args += [user_key(change["user"]), change["timestamp_ms"]]
+        # The script keeps the largest, so one entry per change is enough for the audience's newest.
+        args += [MEMBERS_FIELD, max(change["timestamp_ms"] for change in operation.payload["changes"])]
         self._record(keys=[applied], args=args)
 
     def subscription_is_stale(self, operation: Operation) -> bool:
         """True when the partner already acknowledged a newer change of this audience itself:
-        a late `add` must not undo an `update`, nor recreate what a `remove` deleted."""
-        if operation.timestamp_ms is None:
+        a late `add` must not undo an `update`, nor recreate what a `remove` deleted. A `remove`
+        is also stale when the partner acknowledged a member change newer than it, or this
+        removal (or a newer one) already: sent now, it would delete members added after it."""
+        ts = operation.timestamp_ms
+        if ts is None:
             return False
         _, applied = self._names(operation)
-        seen = self.client.hget(applied, SUBSCRIPTION_FIELD)
-        return seen is not None and operation.timestamp_ms < int(seen)
+        seen, removed, members, removed_id = self.client.hmget(
+            applied, [SUBSCRIPTION_FIELD, REMOVED_FIELD, MEMBERS_FIELD, REMOVED_ID_FIELD]
+        )
+        if seen is not None and ts < int(seen):
+            return True
+        if operation.kind is not OperationKind.AUDIENCE_DELETE:
+            return False
+        if members is not None and ts < int(members):
+            return True
+        repeat = removed_id is not None and removed_id.decode() == operation.message_id
+        return repeat and removed is not None and ts == int(removed)
 
     def record_subscription(self, operation: Operation) -> None:
         """The partner acknowledged this change of the audience: the newest it has. A `remove` is
@@ -183,6 +207,10 @@ class AudienceGuard:
             if operation.kind is OperationKind.AUDIENCE_DELETE:
                 args += [REMOVED_FIELD, operation.timestamp_ms]
             self._record(keys=[applied], args=args)
+            if operation.kind is OperationKind.AUDIENCE_DELETE and operation.message_id is not None:
+                # Under the audience lock, and a remove is only sent when not older than the last
+                # one applied: this is the removal REMOVED_FIELD now holds.
+                self.client.hset(applied, REMOVED_ID_FIELD, operation.message_id)
 
 
 def collapse_changes(changes: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -15,16 +15,24 @@ from flask import Flask
 from common.config import Settings
 from common.logging_setup import JSON, configure_logging, log_format
 from common.names import DELIVERY_QUEUE
-from common.redis_conn import tls_options
+from common.redis_conn import celery_broker, tls_options
+from workers import broker_transport
 from workers.pump import PumpStep
 from workers.runtime import partner_client_class
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     broker_tls = tls_options(settings.broker_url, settings.redis_ssl_cert_reqs)
+    # Under REDIS_SENTINELS, kombu's sentinel:// transport: the primary is asked for on each connect.
+    broker_url, sentinel_options = celery_broker(settings)
     return {
-        "broker_url": settings.broker_url,
+        "broker_url": broker_url,
         "broker_connection_retry_on_startup": True,
+        # A primary demoted to a replica (a failover behind a managed endpoint) answers READONLY,
+        # a channel error; without this the consumer ends the worker as "Unrecoverable error"
+        # instead of reconnecting (celery/celery#7946). Under Sentinel kombu's connection turns
+        # READONLY into a connection error itself.
+        "broker_channel_error_retry": True,
         "broker_use_ssl": broker_tls or None,
         # A delivery is acknowledged only when it finished, and a worker that dies mid-call
         # gives its message back, so nothing accepted is lost to a crash or a deploy.
@@ -51,6 +59,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             # kombu sweeps for such tasks every interval * throttle seconds: make it the interval.
             "unacked_restore_interval": settings.broker_restore_interval_seconds,
             "unacked_restore_throttle": 1,
+            **sentinel_options,
         },
         # On a cold shutdown (Heroku sends SIGTERM to every process in the dyno; app.json maps it
         # to SIGQUIT) give running deliveries this long to finish before their tasks go back.
@@ -79,6 +88,8 @@ def celery_init_app(app: Flask) -> Celery:
     partner_client_class(settings.partner_client)
     # No set_default(): the tasks are shared_tasks, bound to whichever app finalizes them, and
     # a worker makes its own app the default and current one when it starts.
+    # Before any broker connection: a reconnect must not end the worker (workers/broker_transport.py).
+    broker_transport.install()
     celery_app = Celery(app.name, task_cls=FlaskTask, include=["workers.tasks"])
     celery_app.config_from_object(celery_config(settings))
     celery_app.flask_app = app  # type: ignore[attr-defined]

@@ -35,10 +35,11 @@ import orjson
 
 from common import stats
 from common.config import Settings
+from common.marks import Marks
 from schemas.fields import MessageInvalid, is_header_value
 from workers import units
-from workers.gate import CallResult, Hold, Ticket
-from workers.mapping import PermanentFailure, plan_message
+from workers.gate import CallResult, Hold, Ticket, lift_suspension
+from workers.mapping import PermanentFailure, identity_encodings_for, plan_message
 from workers.partner.base import Operation, OperationKind, PartnerResult
 from workers.runtime import Runtime
 
@@ -272,8 +273,10 @@ def plan(bodies: Sequence[str], rt: Runtime) -> tuple[list[Member], list[Rejecte
     members: list[Member] = []
     rejected: list[Rejected] = []
     skipped: Counter[str] = Counter()
+    # Erasure identities are encoded as the registration in effect asks events to carry them.
+    encodings = identity_encodings_for(rt.settings)
     for body in bodies:
-        planned = _plan_one(body)
+        planned = _plan_one(body, encodings)
         if isinstance(planned, Rejected):
             rejected.append(planned)
         else:
@@ -285,10 +288,8 @@ def plan(bodies: Sequence[str], rt: Runtime) -> tuple[list[Member], list[Rejecte
         return members, rejected
     # The partner already took these (an earlier attempt, a replay, or a pump that published the
     # message twice): never send them again.
-    pipe = rt.redis.pipeline(transaction=False)
-    for mark in marks:
-        pipe.exists(rt.keys.delivered(mark))
-    taken = {mark for mark, exists in zip(marks, pipe.execute(), strict=True) if exists}
+    found = Marks(rt.redis, rt.keys, rt.settings.dedup_ttl_seconds).delivered(marks)
+    taken = {mark for mark, exists in zip(marks, found, strict=True) if exists}
     return [_without(member, taken) for member in members], rejected
 
 
@@ -358,10 +359,7 @@ def _send_calls(rt: Runtime, calls: Sequence[Call]) -> tuple[Outcome, set[str]]:
         if not step.marked:
             # No call was needed (a twin delivered it, or the partner had newer state for all of
             # it): written here, so the work is never looked at again.
-            pipe = rt.redis.pipeline(transaction=False)
-            for mark in call.marks:
-                pipe.set(rt.keys.delivered(mark), 1, ex=rt.settings.dedup_ttl_seconds)
-            pipe.execute()
+            Marks(rt.redis, rt.keys, rt.settings.dedup_ttl_seconds).add_delivered(call.marks)
         marked.update(call.marks)
     return Outcome(Verdict.OK, last_status=last_status, sent=sent), marked
 
@@ -447,15 +445,16 @@ def _send(rt: Runtime, operation: Operation) -> PartnerResult:
 
 
 def _track_credentials(rt: Runtime, operation: Operation, account_id: int, status: int | None) -> None:
-    """A 401/403 on audience calls asks mParticle to suspend the subscription; a success clears it."""
+    """A 401/403 on audience calls asks mParticle to suspend the subscription; a success with the
+    refused key itself clears it (a success with another key proves nothing about that one)."""
     flag = rt.keys.suspended(account_id)
     if status in (401, 403):
         rt.redis.set(flag, operation.partner_key(), ex=SUSPEND_TTL_SECONDS)
     elif status is not None and 200 <= status < 300:
-        rt.redis.delete(flag)
+        lift_suspension(rt.redis, flag, operation.partner_key())
 
 
-def _plan_one(body: str) -> tuple[Member, dict[str, int]] | Rejected:
+def _plan_one(body: str, identity_encodings: dict[str, str] | None = None) -> tuple[Member, dict[str, int]] | Rejected:
     """The member and its skipped events by reason, or why it is rejected."""
     try:
         message: Any = orjson.loads(body)
@@ -472,7 +471,7 @@ def _plan_one(body: str) -> tuple[Member, dict[str, int]] | Rejected:
             return Rejected(body, *units.identify(message), DeadReason.INVALID_API_KEY, _INVALID_API_KEY_DETAIL)
         return Member(body, unit.message_id, unit.account_id, unit.message_type, (op,), (op.idempotency_key(),)), {}
     try:
-        planned = plan_message(message)
+        planned = plan_message(message, identity_encodings)
         operations = tuple(planned.operations)
         bad_key = next((op for op in operations if not is_header_value(op.api_key)), None)
         if bad_key is not None:
@@ -512,8 +511,10 @@ def _without(member: Member, taken: set[str]) -> Member:
 def _count_skipped(rt: Runtime, skipped: Counter[str]) -> None:
     if skipped:
         pipe = rt.redis.pipeline(transaction=False)
+        # Reasons can carry what a message wrote (a DSR's request type): stored from the fixed set
+        # /metrics exports, so no message adds a field, or its bytes, to Redis or a scrape.
         for reason, n in skipped.items():
-            pipe.hincrby(rt.keys.skipped_events, reason, n)
+            pipe.hincrby(rt.keys.skipped_events, stats.skip_reason(reason), n)
         pipe.execute()
 
 

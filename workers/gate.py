@@ -45,7 +45,8 @@ import redis
 
 from common import stats
 from common.config import Settings
-from common.keys import Keys
+from common.keys import Keys, mark_digest
+from common.marks import LUA as MARKS_LUA
 from common.ratelimit import RateLimit
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,24 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: delivered, claim, breaker, pause, inflight, rate, breakers_open, then the delivered marks
-#       of a merged call's members (ALREADY also when every one of them exists).
+#       of a merged call's members (ALREADY also when every one of them exists). The delivered
+#       marks are named here in their older one-key form (still honoured, common/marks.py).
 # ARGV: token, lease_ms, max_in_flight, rate limit (0: none), window_ms, in-flight hold ms,
-#       probe hold ms, partner key hash, forget_ms.
+#       probe hold ms, partner key hash, forget_ms, delivered marks' namespace, dedup ttl s, then
+#       the digest of each delivered mark (KEYS[1], then KEYS[8]...).
 # Returns {code, wait_ms, probe (1 when this caller is the half-open breaker's probe)}.
 _ENTER = (
     _NOW
+    + MARKS_LUA
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then
+local mark_ttl, mark_s = tonumber(ARGV[11]), math.floor(now / 1000)
+if mark_find(ARGV[10], KEYS[1], ARGV[12], mark_ttl, mark_s) then
   return {1, 0, 0}
 end
 if #KEYS > 7 then
   local all = true
   for i = 8, #KEYS do
-    if redis.call('EXISTS', KEYS[i]) == 0 then all = false break end
+    if not mark_find(ARGV[10], KEYS[i], ARGV[5 + i], mark_ttl, mark_s) then all = false break end
   end
   if all then return {1, 0, 0} end
 end
@@ -176,18 +181,20 @@ return {0, 0, probe}
 """
 )
 
-# KEYS: claim, inflight, breaker, breakers_open, stats, pause, then the delivered marks to write.
+# KEYS: claim, inflight, breaker, breakers_open, stats, pause.
 # ARGV: token, result, failure threshold, cool-down base ms, cool-down max ms, partner key hash,
-#       dedup ttl s, pause ms, stats field, forget_ms.
+#       dedup ttl s, pause ms, stats field, forget_ms, delivered marks' namespace, then the
+#       digests of the delivered marks to write (common/marks.py).
 # Returns {change (0 none, 1 opened, 2 closed), failures, cool-down ms}.
 _LEAVE = (
     _NOW
+    + MARKS_LUA
     + """
 local token = ARGV[1]
 local result = ARGV[2]
 if result == 'ok' then
-  for i = 7, #KEYS do
-    redis.call('SET', KEYS[i], 1, 'EX', tonumber(ARGV[7]))
+  for i = 12, #ARGV do
+    mark_add(ARGV[11], ARGV[i], tonumber(ARGV[7]), math.floor(now / 1000))
   end
 end
 local pause_ms = tonumber(ARGV[8])
@@ -363,6 +370,10 @@ class PartnerGate:
             PROBE_HOLD_MS,
             partner_key,
             stats.BREAKER_FORGET_MS,
+            self.keys.delivered_marks,
+            self.dedup_ttl_seconds,
+            mark_digest(idempotency_key),
+            *(mark_digest(mark) for mark in member_marks),
         ]
         code, wait_ms, probe = (int(x) for x in self._enter(keys=keys, args=args))
         if code == _Code.GRANTED:
@@ -391,7 +402,6 @@ class PartnerGate:
             self.keys.breakers_open,
             self.keys.stats,
             self.keys.pause(pk),
-            *(self.keys.delivered(mark) for mark in (marks if result is CallResult.OK else ())),
         ]
         args = [
             ticket.token,
@@ -404,6 +414,8 @@ class PartnerGate:
             int(pause_seconds * 1000),
             stats.BREAKER_OPENED,
             stats.BREAKER_FORGET_MS,
+            self.keys.delivered_marks,
+            *(mark_digest(mark) for mark in (marks if result is CallResult.OK else ())),
         ]
         change, failures, cooldown_ms = (int(x) for x in self._leave(keys=keys, args=args))
         if change == 0:
@@ -431,3 +443,14 @@ class PartnerGate:
         """The breaker's fields (empty: closed, no failures), for tests and tools."""
         raw = self.client.hgetall(self.keys.breaker(partner_key))
         return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+# Lifts an account's audience suspension only when the flag names the key that just succeeded:
+# a success with another key (an older message still carrying it) says nothing about the one the
+# partner refused. GET and DEL in one step, so a refusal written in between is never lost.
+_LIFT_SUSPENSION = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+
+
+def lift_suspension(client: redis.Redis, flag_key: str, partner_key: str) -> bool:
+    """Clear the suspension flag at `flag_key` if it holds `partner_key`; True when it did."""
+    return bool(client.eval(_LIFT_SUSPENSION, 1, flag_key, partner_key))

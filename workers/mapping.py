@@ -5,11 +5,14 @@ Plain functions of the parsed message: no I/O, so they are unit-tested directly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
+from common.config import Settings
 from schemas.audiences import parse_membership_change, parse_subscription
-from schemas.dsr import event_side_identities, parse_dsr
+from schemas.dsr import EVENT_IDENTITY_ENCODINGS, event_side_identities, parse_dsr, registered_encodings
 from schemas.events import EventBatch, parse_event_batch
 from schemas.messages import DSR, EVENTS, MEMBERSHIP, SUBSCRIPTION
 from workers.partner.base import Operation, OperationKind
@@ -166,7 +169,18 @@ def plan_membership(message: dict[str, Any]) -> Plan:
     return plan
 
 
-def plan_dsr(message: dict[str, Any]) -> Plan:
+def identity_encodings_for(settings: Settings) -> dict[str, str]:
+    """Identity type → encoding, as the registration in effect (REGISTRATION_* and REGISTRATION_FILE)
+    asks mParticle to put them on events: the same document the web answers registration with."""
+    # service.registration builds it from settings alone (no Flask, no Redis), cached per set of
+    # values; imported here, not at the top, because it is the one thing workers take from service/.
+    from service.registration import registration_for
+
+    return registered_encodings(registration_for(settings))
+
+
+def plan_dsr(message: dict[str, Any], identity_encodings: Mapping[str, str] = EVENT_IDENTITY_ENCODINGS) -> Plan:
+    """`identity_encodings`: the registration's (identity_encodings_for); the default registration's if not given."""
     request = parse_dsr(message)
     plan = Plan(request.message_id, request.account_id)
     if request.request_type != "erasure":
@@ -174,7 +188,7 @@ def plan_dsr(message: dict[str, Any]) -> Plan:
         return plan
     # The partner stores the user under the names and encodings the events carried (a sha256
     # email, google_advertising_id, ...): the erasure speaks the same, not OpenDSR.
-    identities, mismatched = event_side_identities(request.identities)
+    identities, mismatched = event_side_identities(request.identities, identity_encodings)
     payload: dict[str, Any] = {
         "account_id": request.account_id,
         "request_id": request.request_id,
@@ -202,12 +216,18 @@ PLANNERS = {
 }
 
 
-def plan_message(message: dict[str, Any]) -> Plan:
-    """The operations one accepted message turns into; raises PermanentFailure or MessageInvalid."""
+def plan_message(message: dict[str, Any], identity_encodings: Mapping[str, str] | None = None) -> Plan:
+    """The operations one accepted message turns into; raises PermanentFailure or MessageInvalid.
+
+    `identity_encodings` (identity_encodings_for the worker's settings) decides how an erasure's
+    identities are encoded; None: the default registration's."""
     kind = message.get("type") if isinstance(message, dict) else None
     planner = PLANNERS.get(kind)
     if planner is None:
         raise PermanentFailure("unsupported_type", str(kind)[:100])
+    if kind == DSR and identity_encodings is not None:
+        # Also when it is empty: a registration that asks for no identities gets them as received.
+        planner = partial(plan_dsr, identity_encodings=identity_encodings)
     plan = planner(message)
     plan.message_type = kind
     return plan

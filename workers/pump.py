@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -35,14 +36,16 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+import orjson
 import redis
 from celery import Celery, bootsteps
 
 from common.config import Settings
 from common.keys import Keys
 from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK, DELIVERY_QUEUE, INBOX_GROUP
-from common.redis_conn import worker_client
-from workers.grouping import Job, lane_of, plan_jobs
+from common.redis_conn import worker_redis
+from workers import units
+from workers.grouping import GROUP, Job, lane_of, plan_jobs
 from workers.scheduler import RetrySchedule
 
 log = logging.getLogger(__name__)
@@ -167,12 +170,44 @@ end
 return rooms
 """
 
+# KEYS: the lane's slots, the published set. ARGV: task id, slot TTL ms, published deadline ms.
 _TAKE_SLOT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[1])
 return 1
+"""
+
+# Published jobs whose task never ended by their deadline go back into their lane, from the
+# copy kept at publish. KEYS: published set, lanes set. ARGV: copy key prefix, lane key prefix,
+# group, the group entry type, how many at most. A copy already gone (its task ended as the
+# deadline passed) only leaves the set. Atomic, so two pumps never put one job back twice.
+_REQUEUE_LOST = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lost = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[5]))
+local requeued = 0
+for _, task_id in ipairs(lost) do
+  local copy_key = ARGV[1] .. task_id
+  local raw = redis.call('HGETALL', copy_key)
+  if #raw > 0 then
+    local job = {}
+    for j = 1, #raw, 2 do job[raw[j]] = raw[j + 1] end
+    local kind = ''
+    if job['kind'] == 'events' then kind = ARGV[4] end
+    local lane = ARGV[2] .. job['lane']
+    redis.pcall('XGROUP', 'CREATE', lane, ARGV[3], '0', 'MKSTREAM')
+    redis.call('SADD', KEYS[2], job['lane'])
+    redis.call('XADD', lane, '*', 'body', job['body'], 'type', kind, 'id', job['id'],
+               'attempt', job['attempt'], 'first_seen', job['first_seen'], 'lane', job['lane'])
+    redis.call('DEL', copy_key)
+    requeued = requeued + 1
+  end
+  redis.call('ZREM', KEYS[1], task_id)
+end
+return requeued
 """
 
 # A task slot is taken when its job is published and given back when the task ends; one whose
@@ -181,6 +216,80 @@ return 1
 # waits in Celery's queue only lets the lane publish a little early: the gate's in-flight cap
 # still holds the calls.
 SLOT_TTL_MARGIN_S = 10
+
+# kombu's Redis transport takes a task off its queue (BRPOP) before it records it as unacked (a
+# second write): a connection or a Redis that dies between the two loses the task, with no copy
+# anywhere (kombu#305; seen in tests/e2e/faults/test_redis_restart.py). So a copy of what each
+# published task carries stays in Redis until the task ends, and a task that has not ended by
+# BROKER_VISIBILITY_TIMEOUT plus this margin after it was published (when Celery itself would have
+# handed a held task to another worker) goes back into its lane. Its task may still run late:
+# a second copy, which the claims and delivered marks of workers/gate.py absorb.
+PUBLISHED_MARGIN_S = 10
+# Lost jobs put back by one claim pass at most.
+REQUEUE_PER_PASS = 500
+
+
+def task_ended(client: redis.Redis, keys: Keys, lane: str, task_id: str, work_moved_on: bool = True) -> None:
+    """Called by the task as it ends: gives back its lane slot, and, once its work has moved on
+    (delivered, rescheduled or dead-lettered, not handed back to the broker), drops the copy."""
+    pipe = client.pipeline(transaction=False)
+    pipe.zrem(keys.lane_slots(lane), task_id)
+    if work_moved_on:
+        pipe.delete(keys.published_job(task_id))
+        pipe.zrem(keys.published, task_id)
+    pipe.execute()
+
+
+# How a task's messages are named where Celery shows its arguments: ids and types as mParticle
+# and the relay write them pass (a UUID, a unit id `<uuid>:<key prefix>`, a type name); anything
+# else, which could only come from a hand-written letter, is shown as "?".
+_SHOWN_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z:._-]{0,99}")
+_SHOWN_TYPE = re.compile(r"[a-z][a-z_]{0,63}")
+# A group's members shown one by one, then counted: an argument summary stays a line, not pages.
+SUMMARY_MAX_MEMBERS = 10
+
+
+def _shown(value: Any, pattern: re.Pattern[str]) -> str:
+    return value if isinstance(value, str) and pattern.fullmatch(value) else "?"
+
+
+def message_summary(body: str) -> dict[str, Any]:
+    """What may be shown of one message body: its id, type, account and event count.
+
+    Never a value from the body's settings, identities or events: those hold apiKeys, emails and
+    device ids, and Celery sends task arguments to every event subscriber.
+    """
+    try:
+        message: Any = orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError):
+        return {"unreadable": True}
+    if not isinstance(message, dict):
+        return {"unreadable": True}
+    account = message.get("account")
+    account_id = account.get("account_id") if isinstance(account, dict) else None
+    summary: dict[str, Any] = {}
+    if units.is_unit_body(body):
+        # A unit names the message it came from (workers/units.py).
+        summary["unit_of"] = _shown(message.get("message_id"), _SHOWN_ID)
+        summary["type"] = _shown(message.get("message_type"), _SHOWN_TYPE)
+    else:
+        summary["id"] = _shown(message.get("id"), _SHOWN_ID)
+        summary["type"] = _shown(message.get("type"), _SHOWN_TYPE)
+    summary["account_id"] = account_id if isinstance(account_id, int) and not isinstance(account_id, bool) else None
+    events = message.get("events")
+    if isinstance(events, list):
+        summary["events"] = len(events)
+    return summary
+
+
+def args_summary(job: Job) -> str:
+    """The task's arguments as Celery shows them: a summary of each message, never a body."""
+    if job.task == "single":
+        return repr([message_summary(job.bodies[0])])
+    shown: list[Any] = [message_summary(body) for body in job.bodies[:SUMMARY_MAX_MEMBERS]]
+    if len(job.bodies) > SUMMARY_MAX_MEMBERS:
+        shown.append(f"+{len(job.bodies) - SUMMARY_MAX_MEMBERS} more")
+    return repr([shown])
 
 
 def pump_identity(hostname: str) -> str:
@@ -210,14 +319,12 @@ class InboxPump:
         self.consumer = consumer
         self.keys = Keys(settings.key_prefix)
         # Blocking reads need a socket timeout longer than the block.
-        self.redis = worker_client(
-            settings.redis_url, timeout_s=settings.pump_block_ms / 1000 + 5, ssl_cert_reqs=settings.redis_ssl_cert_reqs
-        )
+        self.redis = worker_redis(settings, timeout_s=settings.pump_block_ms / 1000 + 5)
         # Backpressure reads Celery's list where Celery keeps it (CELERY_BROKER_URL may differ).
         self.broker = (
             self.redis
             if settings.broker_url in ("", settings.redis_url)
-            else worker_client(settings.broker_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs)
+            else worker_redis(settings, url=settings.broker_url)
         )
         self.queue = DELIVERY_QUEUE
         # Start by re-reading what this consumer name read but never finished (the pump thread
@@ -242,6 +349,8 @@ class InboxPump:
         self._forget_stale = self.redis.register_script(_FORGET_STALE)
         self._lane_room = self.redis.register_script(_LANE_ROOM)
         self.slot_ttl_ms = int((settings.partner_timeout_seconds + SLOT_TTL_MARGIN_S) * 1000)
+        self.published_ttl_ms = int((settings.broker_visibility_timeout + PUBLISHED_MARGIN_S) * 1000)
+        self._requeue_lost = self.redis.register_script(_REQUEUE_LOST)
 
     def ensure_group(self) -> None:
         try:
@@ -381,7 +490,16 @@ class InboxPump:
                     else:
                         name, args = DELIVER_EVENTS_TASK, [job.bodies]
                     self.app.send_task(
-                        name, args=args, kwargs=kwargs, task_id=job.task_id, queue=DELIVERY_QUEUE, producer=producer
+                        name,
+                        args=args,
+                        kwargs=kwargs,
+                        task_id=job.task_id,
+                        queue=DELIVERY_QUEUE,
+                        producer=producer,
+                        # What Celery's events, Flower and `celery inspect` show in place of the
+                        # bodies, which carry apiKeys and personal data (workers/tasks.py SafeRequest).
+                        argsrepr=args_summary(job),
+                        kwargsrepr=repr(kwargs),
                     )
         self._carry = {}
         for lane, job in later:  # each lane's jobs stay in their order
@@ -398,14 +516,44 @@ class InboxPump:
         return len(now), sum(len(job.entry_ids) for _, job in now)
 
     def _take_slots(self, jobs: list[tuple[str, Job]]) -> None:
-        """Each job's task slot in its lane, taken before it is published (a task that ends
-        first must find its slot to give back). The task id is the slot's name."""
+        """Each job's task slot in its lane and the copy of what it carries, written before it
+        is published (a task that ends first must find both to give back). The task id names
+        both."""
         pipe = self.redis.pipeline(transaction=False)
         for lane, job in jobs:
             if job.task_id is None:
                 job.task_id = uuid.uuid4().hex
-            pipe.execute_command("EVAL", _TAKE_SLOT, 1, self.keys.lane_slots(lane), job.task_id, self.slot_ttl_ms)
+            pipe.hset(
+                self.keys.published_job(job.task_id),
+                mapping={
+                    "lane": lane,
+                    "kind": job.task,
+                    "body": job.bodies[0] if job.task == "single" else orjson.dumps(job.bodies),
+                    "attempt": job.attempt,
+                    "first_seen": job.first_seen_ms,
+                    "id": job.task_id,
+                },
+            )
+            pipe.execute_command(
+                "EVAL",
+                _TAKE_SLOT,
+                2,
+                self.keys.lane_slots(lane),
+                self.keys.published,
+                job.task_id,
+                self.slot_ttl_ms,
+                self.published_ttl_ms,
+            )
         pipe.execute()
+
+    def requeue_lost(self) -> int:
+        """Published jobs whose task never ended by their deadline, back into their lanes."""
+        return int(
+            self._requeue_lost(
+                keys=[self.keys.published, self.keys.lanes],
+                args=[self.keys.published_job(""), self.keys.lane_prefix, INBOX_GROUP, GROUP, REQUEUE_PER_PASS],
+            )
+        )
 
     def _claim_lanes(self, lanes: list[str]) -> dict[str, list[Entry]]:
         """Entries of the lanes a dead consumer read and never published."""
@@ -449,6 +597,13 @@ class InboxPump:
             if not found:
                 self._own_pending = False
         if claim:
+            if requeued := self.requeue_lost():
+                log.warning(
+                    "published_tasks_requeued %d",
+                    requeued,
+                    extra={"event": "published_tasks_requeued", "jobs": requeued},
+                )
+                lanes = self._lanes()
             for chunk in _chunks(lanes, LANES_PER_READ):
                 jobs, entries = self.publish(self._claim_lanes(chunk))
                 jobs_published, entries_published = jobs_published + jobs, entries_published + entries

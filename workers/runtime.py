@@ -18,7 +18,7 @@ from flask import current_app
 
 from common.config import Settings
 from common.keys import Keys
-from common.redis_conn import worker_client
+from common.redis_conn import worker_redis
 from workers.audiences import AudienceGuard
 from workers.gate import LEASE_MARGIN_SECONDS, PartnerGate
 from workers.partner.base import PartnerClient
@@ -73,7 +73,7 @@ def load_partner_client(settings: Settings) -> PartnerClient:
 def build_runtime(settings: Settings, partner: PartnerClient | None = None) -> Runtime:
     """A Runtime for `settings`; the partner client is `partner`, else the one PARTNER_CLIENT names."""
     keys = Keys(settings.key_prefix)
-    client = worker_client(settings.redis_url, ssl_cert_reqs=settings.redis_ssl_cert_reqs)
+    client = worker_redis(settings)
     return Runtime(
         settings=settings,
         keys=keys,

@@ -10,7 +10,7 @@ from workers.celery_app import celery_init_app
 from workers.runtime import PartnerClientError
 
 try:
-    flask_app = create_app()
+    flask_app = create_app(web=False)  # workers serve nothing: no token needed
     celery_app = celery_init_app(flask_app)
 except (SettingsError, PartnerClientError) as error:
     # The lines that say what is wrong, not a traceback through Celery's app loader.

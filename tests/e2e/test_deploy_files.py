@@ -101,7 +101,11 @@ def test_docker_compose_config_when_available() -> None:
     major_minor = tuple(int(x) for x in re.findall(r"\d+", version.stdout)[:2])
     if major_minor < (2, 24):
         pytest.skip(f"Compose {version.stdout.strip()} predates env_file's `required: false`")
-    done = subprocess.run([*cli, "config", "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    # The file refuses to start without a token and a Flower login (no public defaults): give it some.
+    env = {**os.environ, "FIREHOSE_AUTH_TOKEN": "compose-check", "FLOWER_BASIC_AUTH": "user:compose-check"}
+    done = subprocess.run(
+        [*cli, "config", "-q"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
     assert done.returncode == 0, done.stderr
 
 

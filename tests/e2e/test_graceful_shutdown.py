@@ -26,7 +26,7 @@ from common.keys import Keys
 from common.names import DELIVERY_QUEUE
 from devtools.procs import start_web, start_worker
 from service import create_app
-from tests.support import Proc, Stub, base_env, sample, wait_for
+from tests.support import SUITE_TOKEN, Proc, Stub, base_env, sample, wait_for
 
 KEYS = Keys("fr")
 LATENCY_MS = 2000
@@ -85,7 +85,9 @@ def test_worker_sigterm_mid_delivery_loses_and_repeats_nothing(
         quiet_stub.reset()
         quiet_stub.faults([{"path_prefix": "/v1/events", "status": None, "latency_ms": LATENCY_MS}])
 
-        client = create_app(Settings(redis_url=redis_url, ingest_redis_timeout_ms=1000)).test_client()
+        # An in-process door only to queue the messages: open on purpose.
+        settings = Settings(redis_url=redis_url, ingest_redis_timeout_ms=1000, auth_disabled=True)
+        client = create_app(settings).test_client()
         messages = [fresh_batch() for _ in range(4)]
         for message in messages:
             assert client.post("/firehose", data=orjson.dumps(message)).status_code == 202
@@ -142,7 +144,8 @@ def open_slow_request(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     head = (
         "POST /firehose HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        f"Authorization: Token {SUITE_TOKEN}\r\nContent-Length: {len(body)}\r\n"
+        "Expect: 100-continue\r\nConnection: close\r\n\r\n"
     )
     sock.sendall(head.encode() + body[: len(body) // 2])
     assert sock.recv(64).startswith(b"HTTP/1.1 100 Continue"), "gunicorn did not take the request"

@@ -49,7 +49,9 @@ AUDIENCES_DB = 15
 ISOLATION_DB = 14
 # The worker core's unit tests (tests/unit): in-process, each test under its own key prefix.
 WORKER_CORE_DB = 7
-DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB, WORKER_CORE_DB, ISOLATION_DB)
+# tests/e2e/test_account_scope.py: the same message id from two accounts.
+SCOPE_DB = 9
+DATABASES = (MAIN_DB, FAULTS_DB, FUZZ_DB, POLICY_DB, BATCHING_DB, AUDIENCES_DB, WORKER_CORE_DB, ISOLATION_DB, SCOPE_DB)
 
 
 def sample(version: str, name: str) -> bytes:
@@ -80,10 +82,20 @@ def redis_db(db: int) -> str:
     return f"{suite_redis.base_url()}/{db}"
 
 
+# The token of every process base_env builds unless the test set its own: known to the tests,
+# nowhere else.
+SUITE_TOKEN = "suite-token"
+
+
 def base_env(redis_url: str, **extra: str) -> dict[str, str]:
     """The environment of a web or worker process under test: short waits through configuration,
-    never a mocked clock, and none of the developer's own relay settings."""
+    never a mocked clock, and none of the developer's own relay settings.
+
+    A web refuses to start without a token or the explicit opt-out: unless the test chose one
+    (FIREHOSE_AUTH_TOKEN or FIREHOSE_AUTH_DISABLED in `extra`), the process gets SUITE_TOKEN."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FIREHOSE_", "PARTNER_", "RETRY_"))}
+    if "FIREHOSE_AUTH_DISABLED" not in extra:
+        env["FIREHOSE_AUTH_TOKEN"] = SUITE_TOKEN
     env.update(
         {
             "REDIS_URL": redis_url,

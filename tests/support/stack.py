@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,13 @@ def make_stack(db: int, stub: Stub, logs_dir: Path, name: str, workers: int = 1,
     web_proc, url = start_web(environment, logs_dir, name=f"{name}-web")
     procs.append(web_proc)
     return Stack(url, redis_url, client, environment, procs, logs_dir)
+
+
+@contextmanager
+def started_stack(db: int, stub: Stub, logs_dir: Path, name: str, workers: int = 1, **env: str) -> Iterator[Stack]:
+    """make_stack's stack, stopped for sure when the block ends (a module fixture's whole life)."""
+    stack = make_stack(db, stub, logs_dir, name, workers, **env)
+    try:
+        yield stack
+    finally:
+        stack.stop()

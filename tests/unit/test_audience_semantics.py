@@ -18,6 +18,7 @@ import orjson
 import pytest
 from flask.testing import FlaskClient
 
+from common.marks import Marks
 from devtools.partner_stub import api_key_sha256, create_stub_app
 from tests.support.worker_core import MEMBERSHIP_MESSAGE, SUBSCRIPTION_MESSAGE, core_runtime
 from workers.audiences import REMOVED_FIELD, SUBSCRIPTION_FIELD, collapse_changes
@@ -305,3 +306,41 @@ def test_the_stub_refuses_malformed_audience_descriptions(partner: StubPartner) 
     assert good.status_code == 200
     state = partner.state()["audiences"][f"{api_key_sha256('k')}:7"]
     assert state["member_call_audience"] == {"name": "A", "settings": {}}
+
+
+def test_a_remove_older_than_acknowledged_member_changes_is_not_sent(rt: Runtime, partner: StubPartner) -> None:
+    """The remove arrives (or is retried by mParticle) after member changes newer than it were
+    acknowledged: sent, it would delete the members the audience has had since."""
+    key = "k-late-rm"
+    assert _run(rt, _subscription(key, T0, "add")) == DELIVERED
+    assert _run(rt, _membership(key, T0 + 50, [("u1", [_audience(5, "add")])])) == DELIVERED
+    calls = len(partner.sent)
+    assert _run(rt, _subscription(key, T0 + 30, "remove")) == DELIVERED
+    assert len(partner.sent) == calls
+    assert partner.audience(key, 5)["deleted"] is False  # type: ignore[index]
+    assert partner.members(key, 5) == {"u1": {"attributes": {}}}
+    # A remove newer than every member change is sent, and then member calls from before it stay out.
+    assert _run(rt, _subscription(key, T0 + 60, "remove")) == DELIVERED
+    assert _run(rt, _membership(key, T0 + 55, [("u2", [_audience(5, "add")])])) == DELIVERED
+    assert partner.audience(key, 5)["deleted"] is True  # type: ignore[index]
+    assert partner.members(key, 5) is None
+
+
+def test_a_repeated_remove_does_not_delete_what_came_after_it(rt: Runtime, partner: StubPartner) -> None:
+    """The same remove message run again once it was applied (a retry that raced past its
+    delivered mark, a replay) is dropped: member changes after it recreated the audience."""
+    key = "k-rep-rm"
+    removal = _subscription(key, T0, "remove")
+    assert _run(rt, removal) == DELIVERED
+    assert _run(rt, _membership(key, T0, [("u1", [_audience(5, "add")])])) == DELIVERED
+    [op] = plan_message(removal).operations
+    assert Marks(rt.redis, rt.keys, rt.settings.dedup_ttl_seconds).forget_delivered([op.idempotency_key()])
+    calls = len(partner.sent)
+    assert _run(rt, removal) == DELIVERED
+    assert len(partner.sent) == calls
+    assert partner.members(key, 5) == {"u1": {"attributes": {}}}
+    # Another removal in the same millisecond is a new one: arrival order, it deletes the audience.
+    assert _run(rt, _subscription(key, T0, "remove")) == DELIVERED
+    assert len(partner.sent) == calls + 1
+    assert partner.audience(key, 5)["deleted"] is True  # type: ignore[index]
+    assert partner.members(key, 5) is None

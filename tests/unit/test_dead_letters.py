@@ -3,14 +3,12 @@ Flask's CLI runner; each test under a key prefix of its own."""
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
-import pytest
 import redis as redis_lib
-from click.testing import Result
 from flask import Flask
 
 from common import dead_letters, stats
@@ -18,57 +16,20 @@ from common.config import Settings
 from common.keys import Keys
 from common.redaction import REDACTED
 from service import create_app
-from tests.support import sample
-from tests.support.loopback import Answer, ScriptedServer, serve
+from tests.support.dead_letter_store import add_letter, attempt_against, dlq, letter_message
+from tests.support.loopback import Answer
 from workers.delivery import Action
 from workers.grouping import plan_jobs
-from workers.partner.reference import ReferencePartnerClient
-from workers.runtime import build_runtime
-from workers.tasks import run_attempt
 
 API_KEY = "fixture-api-key-3.2.0"
 
 
-@pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, broker_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:8]}")
-
-
-@pytest.fixture
-def keys(settings: Settings) -> Keys:
-    return Keys(settings.key_prefix)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[redis_lib.Redis]:
-    c = redis_lib.Redis.from_url(settings.redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def app(settings: Settings) -> Flask:
-    return create_app(settings)
-
-
 def _message() -> dict[str, Any]:
-    message = orjson.loads(sample("3.2.0", "EventProcessingRequest_ios.json"))
-    message["id"] = str(uuid.uuid4())
-    return message
+    return letter_message()
 
 
 def _add(client: redis_lib.Redis, keys: Keys, **changes: Any) -> dead_letters.DeadLetter:
-    message = _message()
-    values: dict[str, Any] = {
-        "reason": "partner_rejected",
-        "message_id": message["id"],
-        "account_id": message["account"]["account_id"],
-        "message_type": message["type"],
-        "last_status": 400,
-        "error": "HTTP 400: bad batch",
-        "attempts": 3,
-    }
-    return dead_letters.add(client, keys, orjson.dumps(message).decode(), **(values | changes))
+    return add_letter(client, keys, _message(), **({"error": "HTTP 400: bad batch", "attempts": 3} | changes))
 
 
 def _unreadable(client: redis_lib.Redis, keys: Keys, message_id: str | None) -> dead_letters.DeadLetter:
@@ -76,10 +37,6 @@ def _unreadable(client: redis_lib.Redis, keys: Keys, message_id: str | None) -> 
     return dead_letters.add(
         client, keys, "{not json", reason="invalid_json", message_id=message_id, account_id=None, message_type=None
     )
-
-
-def _dlq(app: Flask, *args: str, stdin: str | None = None) -> Result:
-    return app.test_cli_runner().invoke(args=["dlq", *args], input=stdin)
 
 
 # ---------------------------------------------------------------- the store
@@ -179,16 +136,8 @@ def test_purge_one_or_all(client: redis_lib.Redis, keys: Keys) -> None:
 def test_a_stored_error_never_holds_the_api_key_the_partner_echoed(settings: Settings) -> None:
     """Through the real path: partner answer → reference client → delivery → dead letter → `dlq show`."""
     message = _message()
-    server = ScriptedServer(Answer(403, f"key {API_KEY} is not allowed; Authorization: Bearer {API_KEY}"))
-    with serve(server.app) as url:
-        rt = build_runtime(
-            Settings(**(settings.model_dump() | {"partner_rate_limit": "none"})),
-            partner=ReferencePartnerClient(url, 2.0),
-        )
-        try:
-            decision = run_attempt([orjson.dumps(message).decode()], 2, None, grouped=False, rt=rt)
-        finally:
-            rt.redis.close()
+    answer = Answer(403, f"key {API_KEY} is not allowed; Authorization: Bearer {API_KEY}")
+    decision, server = attempt_against(settings, answer, message, 2)
     assert decision is not None and decision.action is Action.DEAD
     assert server.received[0].headers["Authorization"] == f"Bearer {API_KEY}"
     client = redis_lib.Redis.from_url(settings.redis_url)
@@ -199,7 +148,7 @@ def test_a_stored_error_never_holds_the_api_key_the_partner_echoed(settings: Set
     assert letter is not None and (letter.reason, letter.last_status, letter.attempts) == ("partner_rejected", 403, 2)
     assert letter.error is not None and letter.error.startswith("HTTP 403: key [redacted] is not allowed")
     assert API_KEY not in letter.error
-    shown = _dlq(create_app(settings), "show", letter.id)
+    shown = dlq(create_app(settings), "show", letter.id)
     assert shown.exit_code == 0 and API_KEY not in shown.output and "[redacted]" in shown.output
 
 
@@ -209,14 +158,15 @@ def test_a_stored_error_never_holds_the_api_key_the_partner_echoed(settings: Set
 def test_list_prints_a_line_per_letter_and_the_total_on_stderr(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     first = _add(client, keys, last_status=None, attempts=1, reason="max_age")
     second = _unreadable(client, keys, "no-type")
-    result = _dlq(app, "list")
+    result = dlq(app, "list")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     assert len(lines) == 2
     assert lines[0].startswith(f"{first.id}  20") and lines[0].endswith(
         f"Z  event_processing_request  account={first.account_id}  reason=max_age  status=None  attempts=1"
+        f"  expires={dt.datetime.fromtimestamp(first.expires_at, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
     )
-    assert lines[1].endswith("Z  -  account=None  reason=invalid_json  status=None  attempts=0")
+    assert "Z  -  account=None  reason=invalid_json  status=None  attempts=0  expires=20" in lines[1]
     assert lines[1].startswith(f"{second.id}  ")
     assert result.stderr == "2 dead letter(s) in all\n"
     assert API_KEY not in result.output
@@ -224,7 +174,7 @@ def test_list_prints_a_line_per_letter_and_the_total_on_stderr(app: Flask, clien
 
 def test_list_limit_still_counts_them_all(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letters = [_add(client, keys) for _ in range(3)]
-    result = _dlq(app, "list", "--limit", "1")
+    result = dlq(app, "list", "--limit", "1")
     assert result.exit_code == 0
     assert [line.split()[0] for line in result.stdout.splitlines()] == [letters[0].id]
     assert result.stderr == "3 dead letter(s) in all\n"
@@ -232,20 +182,20 @@ def test_list_limit_still_counts_them_all(app: Flask, client: redis_lib.Redis, k
 
 def test_list_json_is_one_summary_per_line_and_nothing_else(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letters = [_add(client, keys) for _ in range(2)]
-    result = _dlq(app, "list", "--json")
+    result = dlq(app, "list", "--json")
     assert result.exit_code == 0 and result.stderr == ""
     assert [orjson.loads(line) for line in result.stdout.splitlines()] == [x.summary() for x in letters]
 
 
 def test_list_of_an_empty_store(app: Flask) -> None:
-    result = _dlq(app, "list")
+    result = dlq(app, "list")
     assert (result.exit_code, result.stdout, result.stderr) == (0, "", "0 dead letter(s) in all\n")
-    assert _dlq(app, "list", "--json").output == ""
+    assert dlq(app, "list", "--json").output == ""
 
 
 def test_show_prints_the_summary_and_the_redacted_message(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letter = _add(client, keys)
-    result = _dlq(app, "show", letter.id)
+    result = dlq(app, "show", letter.id)
     assert result.exit_code == 0
     shown = orjson.loads(result.stdout)
     assert shown == letter.summary() | {"message": letter.redacted_message()}
@@ -254,13 +204,13 @@ def test_show_prints_the_summary_and_the_redacted_message(app: Flask, client: re
 
 
 def test_show_of_an_unknown_id_fails(app: Flask) -> None:
-    result = _dlq(app, "show", "no-such-id")
+    result = dlq(app, "show", "no-such-id")
     assert result.exit_code == 1 and "Error: no dead letter no-such-id" in result.stderr
 
 
 def test_replay_of_ids(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     first, second, kept = (_add(client, keys) for _ in range(3))
-    result = _dlq(app, "replay", first.id, second.id)
+    result = dlq(app, "replay", first.id, second.id)
     assert (result.exit_code, result.stdout) == (0, "replayed 2\n")
     assert [fields[b"id"].decode() for _, fields in client.xrange(keys.inbox)] == [first.id, second.id]
     assert [x.id for x in dead_letters.list_letters(client, keys)] == [kept.id]
@@ -268,7 +218,7 @@ def test_replay_of_ids(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
 
 def test_replay_with_unknown_ids_replays_the_rest_and_fails(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letter = _add(client, keys)
-    result = _dlq(app, "replay", "missing-1", letter.id, "missing-2")
+    result = dlq(app, "replay", "missing-1", letter.id, "missing-2")
     assert result.exit_code == 1
     assert result.stdout == "replayed 1\n"
     assert "Error: not found: missing-1 missing-2" in result.stderr
@@ -277,7 +227,7 @@ def test_replay_with_unknown_ids_replays_the_rest_and_fails(app: Flask, client: 
 
 def test_replay_all(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letters = [_add(client, keys) for _ in range(3)]
-    result = _dlq(app, "replay", "--all")
+    result = dlq(app, "replay", "--all")
     assert (result.exit_code, result.stdout) == (0, "replayed 3\n")
     # Oldest first, the order they died in.
     assert [fields[b"id"].decode() for _, fields in client.xrange(keys.inbox)] == [x.id for x in letters]
@@ -286,33 +236,33 @@ def test_replay_all(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
 
 def test_replay_without_ids_is_a_usage_error(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     _add(client, keys)
-    result = _dlq(app, "replay")
+    result = dlq(app, "replay")
     assert result.exit_code == 2 and "name dead letter ids, or --all" in result.stderr
     assert client.xlen(keys.inbox) == 0 and dead_letters.count(client, keys) == 1
 
 
 def test_replay_all_of_an_empty_store_replays_nothing(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
-    result = _dlq(app, "replay", "--all")
+    result = dlq(app, "replay", "--all")
     assert (result.exit_code, result.stdout) == (0, "replayed 0\n")
 
 
 def test_purge_asks_first_and_a_no_keeps_everything(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letter = _add(client, keys)
-    result = _dlq(app, "purge", letter.id, stdin="n\n")
+    result = dlq(app, "purge", letter.id, stdin="n\n")
     assert result.exit_code == 1 and "Delete these dead letters for good?" in result.output
     assert "Aborted" in result.output and dead_letters.count(client, keys) == 1
 
 
 def test_purge_after_a_yes(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letter, kept = _add(client, keys), _add(client, keys)
-    result = _dlq(app, "purge", letter.id, stdin="y\n")
+    result = dlq(app, "purge", letter.id, stdin="y\n")
     assert result.exit_code == 0 and result.stdout.endswith("purged 1\n")
     assert [x.id for x in dead_letters.list_letters(client, keys)] == [kept.id]
 
 
 def test_purge_ids_counts_only_what_was_there(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     letter, kept = _add(client, keys), _add(client, keys)
-    result = _dlq(app, "purge", "--yes", letter.id, "missing")
+    result = dlq(app, "purge", "--yes", letter.id, "missing")
     assert (result.exit_code, result.stdout) == (0, "purged 1\n")
     assert [x.id for x in dead_letters.list_letters(client, keys)] == [kept.id]
 
@@ -320,15 +270,15 @@ def test_purge_ids_counts_only_what_was_there(app: Flask, client: redis_lib.Redi
 def test_purge_all(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     for _ in range(3):
         _add(client, keys)
-    assert _dlq(app, "purge", "--all", "--yes").stdout == "purged 3\n"
+    assert dlq(app, "purge", "--all", "--yes").stdout == "purged 3\n"
     assert dead_letters.count(client, keys) == 0
-    again = _dlq(app, "purge", "--all", "--yes")
+    again = dlq(app, "purge", "--all", "--yes")
     assert (again.exit_code, again.stdout) == (0, "purged 0\n")
 
 
 def test_purge_without_ids_is_a_usage_error(app: Flask, client: redis_lib.Redis, keys: Keys) -> None:
     _add(client, keys)
-    result = _dlq(app, "purge", "--yes")
+    result = dlq(app, "purge", "--yes")
     assert result.exit_code == 2 and "name dead letter ids, or --all" in result.stderr
     assert dead_letters.count(client, keys) == 1
 
@@ -338,6 +288,6 @@ def test_the_commands_only_see_their_own_apps_prefix(
 ) -> None:
     letter = _add(client, keys)
     other = create_app(Settings(redis_url=redis_url, broker_url=redis_url, key_prefix=f"t{uuid.uuid4().hex[:8]}"))
-    assert _dlq(other, "list", "--json").stdout == ""
-    assert _dlq(other, "replay", letter.id).exit_code == 1
+    assert dlq(other, "list", "--json").stdout == ""
+    assert dlq(other, "replay", letter.id).exit_code == 1
     assert dead_letters.count(client, keys) == 1

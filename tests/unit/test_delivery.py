@@ -14,6 +14,7 @@ import pytest
 from common import dead_letters, stats
 from common.config import Settings
 from common.keys import partner_key
+from common.marks import Marks
 from tests.support.partner_clients import ScriptedPartnerClient
 from tests.support.worker_core import (
     MEMBERSHIP_MESSAGE,
@@ -167,11 +168,11 @@ def _counter(rt: Runtime, name: str) -> int:
 def test_delivered_marks_are_written_after_and_stop_a_second_send(rt: Runtime, partner: ScriptedPartnerClient) -> None:
     msg = message()
     [op] = plan_message(msg).operations
-    mark = f"{rt.keys.prefix}:delivered:{op.idempotency_key()}"
-    seen: list[int] = []
-    partner.during_call = lambda _: seen.append(rt.redis.exists(mark))
+    marks = Marks(rt.redis, rt.keys, rt.settings.dedup_ttl_seconds)
+    seen: list[bool] = []
+    partner.during_call = lambda _: seen.extend(marks.delivered([op.idempotency_key()]))
     assert _run(rt, [body(msg)]) == Decision(Action.DELIVERED, 1)
-    assert seen == [0] and rt.redis.exists(mark) and 0 < rt.redis.ttl(mark) <= rt.settings.dedup_ttl_seconds
+    assert seen == [False] and marks.delivered([op.idempotency_key()]) == [True]
     assert partner.keys == [op.idempotency_key()]
     # The pump published it twice, or mParticle replayed it: no second call, still delivered.
     assert _run(rt, [body(msg)]) == Decision(Action.DELIVERED, 1)
@@ -188,7 +189,8 @@ def test_a_group_is_one_call_under_the_key_of_its_members(rt: Runtime, partner: 
     assert key == expected.idempotency_key() and op == expected
     assert len(result.delivered) == 3 and not result.pending and result.message_id == "group of 3"
     # Each member is marked under its own key: alone or in another group, it is never sent again.
-    assert all(rt.redis.exists(rt.keys.delivered(plan_message(m).operations[0].idempotency_key())) for m in msgs)
+    marks = Marks(rt.redis, rt.keys, rt.settings.dedup_ttl_seconds)
+    assert marks.delivered([plan_message(m).operations[0].idempotency_key() for m in msgs]) == [True] * 3
 
 
 def test_a_single_message_is_a_group_of_one(rt: Runtime) -> None:

@@ -101,7 +101,11 @@ def test_the_command_check_catches_what_the_image_lacks() -> None:
 
 def test_compose_services(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "web", "worker", "flower", "partner-stub"}
+    # The stack `docker compose up` starts; opt-in profiles (monitoring) add to it.
+    default = {name for name, service in services.items() if "profiles" not in service}
+    assert default == {"redis", "web", "worker", "flower", "partner-stub"}
+    assert {name for name in services if name not in default} == {"prometheus", "grafana"}
+    assert all(services[name]["profiles"] == ["monitoring"] for name in ("prometheus", "grafana"))
 
     redis = services["redis"]
     assert redis["image"].split(":")[1].startswith("7")

@@ -27,9 +27,14 @@ def _with_settings(settings: Any) -> dict[str, Any]:
 
 
 def _without_settings() -> dict[str, Any]:
-    message = _events()
+    """Verification traffic (no events, no notifications): without an apiKey it is still answered."""
+    message = _events(events=[])
+    del message["system_notifications"]
     del message["account"]["account_settings"]
     return message
+
+
+_KEYED = {"account_id": 1, "account_settings": {"apiKey": "k"}}
 
 
 def _schema_answer(message: dict[str, Any]) -> Any:
@@ -51,7 +56,7 @@ def _answer(message: dict[str, Any]) -> Any:
     [
         (_events(), True),
         (_without_settings(), True),
-        (_with_settings(None), True),
+        (dict(_without_settings(), account={"account_id": 1, "account_settings": None}), True),
         (_with_settings({"apiKey": "k", "unset": None}), True),
         (_with_settings({"apiKey": 5, "flag": True}), False),  # the schema turns these into text
         (_with_settings(["not", "a", "map"]), False),
@@ -59,7 +64,7 @@ def _answer(message: dict[str, Any]) -> Any:
         (_events(id="not-a-uuid"), False),
         (_events(type="event_processing_response"), False),
         (_events(type="something_new"), False),
-        ({"type": "dsr_processing_request"}, False),
+        ({"type": "dsr_processing_request", "account": _KEYED}, False),
         ({"type": "event_processing_request"}, False),
     ],
     ids=[
@@ -90,11 +95,17 @@ def test_what_the_schema_answers_for_the_odd_cases() -> None:
     }
     # A response type or an unknown type passes the envelope: the caller answers it with its own code.
     assert load_envelope(_events(type="something_new"))["type"] == "something_new"
-    # A DSR may come without id, timestamp and account; an event batch may not.
-    assert load_envelope({"type": "dsr_processing_request"})["id"] is None
+    # A DSR may come without id and timestamp; an event batch may not.
+    assert load_envelope({"type": "dsr_processing_request", "account": _KEYED})["id"] is None
     with pytest.raises(ValidationError) as info:
         load_envelope({"type": "event_processing_request"})
     assert set(info.value.messages) == {"id", "timestamp_ms", "account"}
+    # Its envelope may lack the account too (the SDK's samples do), but then it has no apiKey to
+    # be delivered with: refused at the door, naming the field, like any message with work.
+    with pytest.raises(ValidationError) as info:
+        load_envelope({"type": "dsr_processing_request"})
+    assert list(info.value.messages) == ["account"]
+    assert list(info.value.messages["account"]["account_settings"]) == ["apiKey"]  # type: ignore[index]
 
 
 def test_the_fast_path_copies_the_settings() -> None:

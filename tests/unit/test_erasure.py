@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,13 +18,14 @@ from flask.testing import FlaskClient
 
 from devtools.partner_stub import api_key_sha256, create_stub_app
 from schemas.dsr import EVENT_IDENTITY_ENCODINGS, OPENDSR_TO_FIREHOSE, event_side_identities, hash_identity_value
-from service.registration import DEFAULTS_FILE
+from service.registration import DEFAULTS_FILE, registration_for
 from tests.support import sample
 from tests.support.partner_clients import ScriptedPartnerClient
+from tests.support.worker_core import core_settings
 from workers.delivery import attempt_delivery
 from workers.mapping import plan_message
 from workers.partner.base import Operation, OperationKind
-from workers.runtime import Runtime
+from workers.runtime import Runtime, build_runtime
 
 API_KEY = "erasure-key"
 MPID = "-5227515829034156637"
@@ -270,6 +272,43 @@ def test_the_worker_sends_the_mapped_erasure_and_counts_an_unreadable_time(
     }
     assert "submitted_time_ms" not in op.payload
     assert rt.redis.hget(rt.keys.skipped_events, "unparseable:submitted_time") == b"1"
+
+
+def test_the_erasure_follows_the_registration_in_effect(partner: ScriptedPartnerClient, tmp_path: Path) -> None:
+    """A REGISTRATION_FILE that asks events to carry other encodings (email sha1, the customer id
+    sha256, the Google advertising id md5) changes the erasure's encodings with them: the worker
+    encodes as the registration the web answers mParticle with, not as the default one."""
+    permissions = {
+        "user_identities": [
+            {"type": "customer", "encoding": "sha256"},
+            {"type": "email", "encoding": "sha1"},
+        ],
+        "device_identities": [{"type": "google_advertising_id", "encoding": "md5"}],
+    }
+    registration_file = tmp_path / "registration.json"
+    registration_file.write_text(json.dumps({"permissions": permissions}), encoding="utf-8")
+    settings = core_settings(registration_file=str(registration_file))
+    # The document the web answers with, for the same settings, asks for exactly these.
+    answered = registration_for(settings)["permissions"]
+    assert answered["user_identities"] == permissions["user_identities"]
+    runtime = build_runtime(settings, partner=partner)
+    try:
+        message = dsr(
+            {"email": EMAIL, "controller_customer_id": CUSTOMER, "android_advertising_id": GAID, "android_id": "a1"}
+        )
+        assert len(attempt_delivery([orjson.dumps(message).decode()], runtime).delivered) == 1
+    finally:
+        runtime.redis.close()
+    [(op, _)] = partner.calls
+    assert triples(op.payload["identities"]) == {
+        ("email", "sha1", hashlib.sha1(b"jane.doe@example.com").hexdigest()),
+        ("customer", "sha256", sha256(CUSTOMER)),
+        ("google_advertising_id", "md5", hashlib.md5(GAID.encode()).hexdigest()),
+        # No longer requested for events by this registration: sent as received.
+        ("android_id", "raw", "a1"),
+    }
+    # The default registration's encodings, for the same message, are not these.
+    assert triples(erase_payload(message).payload["identities"]) != triples(op.payload["identities"])
 
 
 # ------------------------------------------------------------------------- the stub

@@ -16,6 +16,7 @@ from flask.testing import FlaskClient
 
 from common.config import Settings
 from common.keys import Keys
+from common.marks import Marks
 from service import create_app
 from tests.support import sample
 
@@ -76,7 +77,7 @@ def test_repeated_id_answered_again_but_queued_once(client: FlaskClient, redis_c
     for _ in range(3):
         assert client.post("/firehose", data=orjson.dumps(message), headers=AUTH).status_code == 202
     assert inbox_ids(redis_client).count(message["id"]) == 1
-    assert redis_client.ttl(Keys("fr").seen(message["id"])) > 86000
+    assert Marks(redis_client, Keys("fr"), 86400).seen(message["id"], message["account"]["account_id"])
 
 
 def test_int64_values_survive(client: FlaskClient, redis_client: redis_lib.Redis) -> None:
@@ -151,9 +152,25 @@ def test_every_listed_token_is_accepted_for_rotation(client: FlaskClient) -> Non
         assert response.status_code == 202
 
 
-def test_no_token_configured_means_open(redis_url: str) -> None:
-    app = make_app(redis_url, auth_tokens=())
-    assert app.test_client().post("/firehose", data=orjson.dumps(event_batch())).status_code == 202
+def test_no_token_is_open_only_by_the_explicit_opt_out(redis_url: str) -> None:
+    opted_out = make_app(redis_url, auth_tokens=(), auth_disabled=True)
+    assert opted_out.test_client().post("/firehose", data=orjson.dumps(event_batch())).status_code == 202
+
+
+@pytest.mark.parametrize("tokens", [(), ("",), (" ",)])
+def test_no_token_without_the_opt_out_lets_nothing_in(redis_url: str, tokens: tuple[str, ...]) -> None:
+    # An app built without the start check (web=False: the worker entry, a CLI) still fails closed.
+    client = create_app(
+        Settings(redis_url=redis_url, broker_url=redis_url, auth_tokens=tokens), web=False
+    ).test_client()
+    for headers in ({}, {"Authorization": "Token "}, {"Authorization": "Token  "}):
+        assert_error(client.post("/firehose", data=orjson.dumps(event_batch()), headers=headers), 401, "unauthorized")
+
+
+def test_a_token_wins_over_the_opt_out(redis_url: str) -> None:
+    client = make_app(redis_url, auth_disabled=True).test_client()
+    assert_error(client.post("/firehose", data=orjson.dumps(event_batch())), 401, "unauthorized")
+    assert client.post("/firehose", data=orjson.dumps(event_batch()), headers=AUTH).status_code == 202
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from service.metrics import RedisCollector
 from tests.support.metrics import value
 from tests.support.worker_core import SUBSCRIPTION_MESSAGE, body, client, core_settings, message
 from workers.grouping import GROUP, NO_KEY_LANE, lane_of
-from workers.pump import InboxPump, pump_identity
+from workers.pump import InboxPump, pump_identity, task_ended
 
 
 class RecordingApp:
@@ -62,7 +62,9 @@ class RecordingApp:
             self.redis.rpush(self.queue, name)
         if self.finish:
             for slots in self.redis.scan_iter(match=f"{self.keys.prefix}:laneslots:*"):
-                self.redis.zrem(slots, options["task_id"])
+                if self.redis.zrem(slots, options["task_id"]):
+                    lane = slots.decode().removeprefix(self.keys.lane_slots(""))
+                    task_ended(self.redis, self.keys, lane, options["task_id"])
 
     def ids(self) -> list[str]:
         """The message ids of every task, in publish order (a group's members one by one)."""
@@ -510,3 +512,75 @@ def test_a_slot_whose_task_never_ends_lapses(keys: Keys, redis_conn: redis.Redis
 
 def _key(task: dict[str, Any]) -> str:
     return orjson.loads(task["args"][0])["account"]["account_settings"]["apiKey"]
+
+
+# ------------------------------------------------------------------- a task the broker loses
+
+
+def _lose_deadlines(c: redis.Redis, keys: Keys) -> None:
+    """As if BROKER_VISIBILITY_TIMEOUT had passed since every task still out was published."""
+    if out := c.zrange(keys.published, 0, -1):
+        c.zadd(keys.published, dict.fromkeys(out, 0))
+
+
+def _lane(task: dict[str, Any]) -> str:
+    first = task["args"][0][0] if task["name"] == DELIVER_EVENTS_TASK else task["args"][0]
+    return lane_of({b"body": first.encode()})
+
+
+def test_a_task_the_broker_loses_goes_back_into_its_lane_whole(keys: Keys, redis_conn: redis.Redis) -> None:
+    """kombu takes a task off its queue before it records it as unacked (kombu#305): a Redis or a
+    connection dying between the two loses the task. The copy kept at publish puts each job back
+    into its lane once its deadline passes, and it is published again as it was: same task id,
+    same bodies, same attempt and first-seen time, a group still a group."""
+    settings = core_settings(key_prefix=keys.prefix, delivery_batch_max_messages=10, pump_claim_idle_ms=10)
+    app = RecordingApp(redis_conn, keys, finish=False)
+    pump = _pump(app, settings, "w1")
+    sub = message(SUBSCRIPTION_MESSAGE, api_key="a")
+    events = [message(api_key="b"), message(api_key="b")]
+    for msg in [sub, *events]:
+        _add(redis_conn, keys, msg)
+    pump.run_once()
+    first = {t["task_id"]: t for t in app.sent}
+    assert len(first) == 2 and backlog(redis_conn, keys)[0] == 0
+    # Out, not yet ended: each has its copy and its deadline (well past now).
+    assert set(redis_conn.zrange(keys.published, 0, -1)) == {i.encode() for i in first}
+    assert all(redis_conn.exists(keys.published_job(i)) for i in first)
+    pump._next_claim = 0
+    pump.run_once()
+    assert len(app.sent) == 2, "nothing goes back before its deadline"
+
+    _lose_deadlines(redis_conn, keys)  # the broker lost both tasks: neither ever ends
+    pump._next_claim = 0
+    pump.run_once()
+    again = {t["task_id"]: t for t in app.sent[2:]}
+    assert again.keys() == first.keys()
+    for task_id, task in again.items():
+        before = first[task_id]
+        assert (task["name"], task["args"], task["kwargs"]) == (before["name"], before["args"], before["kwargs"])
+    assert sorted(app.ids()) == sorted([m["id"] for m in [sub, *events]] * 2)
+
+    # Once the tasks end, nothing of them is left, and nothing goes back again.
+    for task in again.values():
+        task_ended(redis_conn, keys, _lane(task), task["task_id"])
+    assert not redis_conn.zcard(keys.published) and not redis_conn.keys(keys.published_job("*"))
+    _lose_deadlines(redis_conn, keys)
+    pump._next_claim = 0
+    pump.run_once()
+    assert len(app.sent) == 4 and _quiet(redis_conn, keys)
+
+
+def test_a_task_handed_back_to_the_broker_keeps_its_copy(keys: Keys, redis_conn: redis.Redis) -> None:
+    """A task that ends by giving its work back to the broker (Reject with requeue, Redis errors)
+    has not moved its work on: its copy stays until a run of it ends for real."""
+    app = RecordingApp(redis_conn, keys, finish=False)
+    pump = _pump(app, core_settings(key_prefix=keys.prefix), "w1")
+    _add(redis_conn, keys, message(SUBSCRIPTION_MESSAGE, api_key="a"))
+    pump.run_once()
+    [task] = app.sent
+    lane = partner_key("a")
+    task_ended(redis_conn, keys, lane, task["task_id"], work_moved_on=False)
+    assert not redis_conn.zscore(keys.lane_slots(lane), task["task_id"])
+    assert redis_conn.exists(keys.published_job(task["task_id"]))
+    task_ended(redis_conn, keys, lane, task["task_id"])
+    assert not redis_conn.exists(keys.published_job(task["task_id"])) and not redis_conn.zcard(keys.published)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from common import dead_letters, stats
+from common.marks import Marks
 from tests.support.partner_clients import ScriptedPartnerClient
 from tests.support.worker_core import body, core_runtime, message
 from workers import delivery
@@ -203,7 +204,7 @@ def test_a_twin_group_past_the_plan_check_finds_the_call_delivered_at_the_gate(
     [(_, key)] = first_partner.calls
     assert not second_partner.calls
     # The merged call's own mark is written besides its members': that is what the gate found.
-    assert first.redis.exists(first.keys.delivered(key))
+    assert Marks(first.redis, first.keys, first.settings.dedup_ttl_seconds).delivered([key]) == [True]
 
 
 def test_a_partner_client_that_raises_gives_back_its_claim_and_lease(runtimes: list[Runtime]) -> None:

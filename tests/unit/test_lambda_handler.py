@@ -22,6 +22,7 @@ import pytest
 import redis as redis_lib
 
 from common.keys import Keys
+from schemas.envelope import MISSING_API_KEY
 from schemas.messages import EVENTS, MEMBERSHIP, REGISTRATION, RESPONSES
 from tests.support import SAMPLES, every_sample, sample_id
 
@@ -90,12 +91,22 @@ def has_work(message: dict[str, Any]) -> bool:
     return True
 
 
+def lacks_api_key(message: dict[str, Any]) -> bool:
+    """Work with no apiKey to deliver it with (the SDK's membership and DSR samples, the old event
+    samples): refused at the door, naming the field, rather than accepted and dead-lettered."""
+    settings = (message.get("account") or {}).get("account_settings") or {}
+    return has_work(message) and not settings.get("apiKey")
+
+
 def check_answer(message: Any, answer: Any, where: str) -> None:
     # Lambda serialises the return value with the standard json module: it must be plain JSON.
     json.dumps(answer)
     assert isinstance(answer, dict), where
     kind = message.get("type") if isinstance(message, dict) else None
-    if kind in RESPONSES:
+    if kind in RESPONSES and lacks_api_key(message):
+        assert answer["error"]["code"] == "invalid_envelope", f"{where}: {answer}"
+        assert answer["error"]["fields"] == {"account": {"account_settings": {"apiKey": [MISSING_API_KEY]}}}, where
+    elif kind in RESPONSES:
         expected_type, _ = RESPONSES[kind]
         assert answer.get("type") == expected_type, f"{where}: {answer}"
         assert {"id", "timestamp_ms", "firehose_version"} <= set(answer), where
@@ -109,6 +120,7 @@ def test_every_sample_as_dict_str_and_bytes(lam: ModuleType, inbox: dict[str, by
     a fresh id so the dedupe mark of an earlier call cannot hide whether this one stored."""
     stored_expected: dict[str, Any] = {}
     not_stored: list[str] = []
+    refused: list[str] = []
     invalid = 0
     for path in sample_files():
         raw = path.read_bytes()
@@ -129,7 +141,9 @@ def test_every_sample_as_dict_str_and_bytes(lam: ModuleType, inbox: dict[str, by
             where = f"{sample_id(path)} as {form}"
             check_answer(message, answer, where)
             if isinstance(message, dict) and message.get("type") in RESPONSES:
-                if has_work(message):
+                if lacks_api_key(message):
+                    refused.append(message["id"])
+                elif has_work(message):
                     stored_expected[message["id"]] = (form, body, message)
                 else:
                     not_stored.append(message["id"])
@@ -140,6 +154,8 @@ def test_every_sample_as_dict_str_and_bytes(lam: ModuleType, inbox: dict[str, by
     missing = sorted(set(stored_expected) - set(inbox))
     assert not missing, f"accepted but not in {INBOX}: {missing[:5]}"
     assert not set(not_stored) & set(inbox), "registration or verification traffic was queued"
+    assert refused, "the samples include messages with work and no apiKey"
+    assert not set(refused) & set(inbox), "a message without an apiKey was queued"
     for message_id, (form, body, message) in stored_expected.items():
         # A string or bytes event is stored byte for byte; a dict as its JSON, with the same content.
         if form == "dict":

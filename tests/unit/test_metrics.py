@@ -59,7 +59,7 @@ def test_worker_stats_written_with_common_stats_are_exported(redis_url: str, red
     redis_client.xadd(keys.inbox, {"body": b"{}"})
     redis_client.xadd(keys.inbox, {"body": b"{}"})
     redis_client.zadd(keys.retry_schedule, {"a": 1, "b": 2, "c": 3})
-    redis_client.zadd(keys.dead_letter_index, {"x": 1})
+    redis_client.zadd(keys.dead_letter_index, {"x": time.time()})
 
     settings = Settings(redis_url=redis_url, broker_url=redis_url, key_prefix=keys.prefix)
     text = collect_text(RedisCollector(settings))
@@ -223,6 +223,7 @@ def gunicorn_conf() -> Iterator[dict[str, Any]]:
     with mock.patch.dict(os.environ):
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
         os.environ.pop("FIREHOSE_PRIVATE_METRICS_DIR", None)
+        os.environ.setdefault("FIREHOSE_AUTH_TOKEN", TOKEN)  # the file stops without one
         yield runpy.run_path(str(ROOT / "gunicorn.conf.py"))
 
 

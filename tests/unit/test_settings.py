@@ -45,7 +45,11 @@ def test_defaults() -> None:
     assert settings.partner_rate_limit == "50/second"
     assert settings.cookie_sync_allowed_hosts == ("pixels.mparticle.com",)
     assert settings.partner_client == "workers.partner.reference:ReferencePartnerClient"
-    assert (settings.port, settings.web_concurrency, settings.gunicorn_worker_class) == (8000, 2, "gthread")
+    assert (settings.port, settings.web_concurrency, settings.gunicorn_worker_class) == (
+        8000,
+        2,
+        "service.gunicorn_worker.RelayWorker",
+    )
     assert (settings.gunicorn_threads, settings.gunicorn_keepalive) == (4, 75)
     assert (settings.gunicorn_timeout, settings.gunicorn_graceful_timeout) == (30, 20)
     assert (settings.log_level, settings.log_format, settings.metrics_redis_timeout_ms) == ("info", "json", 500)
@@ -327,11 +331,12 @@ def _gunicorn_conf() -> dict[str, Any]:
 
 
 def test_gunicorn_conf_reads_settings(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("FIREHOSE_AUTH_TOKEN", "conf-token")  # without one (or the opt-out) it stops
     conf = _gunicorn_conf()
     defaults = Settings()
     assert conf["bind"] == "0.0.0.0:8000"
     assert conf["workers"] == defaults.web_concurrency
-    assert conf["worker_class"] == "gthread" and conf["threads"] == 4
+    assert conf["worker_class"] == "service.gunicorn_worker.RelayWorker" and conf["threads"] == 4
     assert (conf["keepalive"], conf["timeout"], conf["graceful_timeout"]) == (75, 30, 20)
     assert conf["loglevel"] == "info"
 

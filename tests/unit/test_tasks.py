@@ -10,8 +10,10 @@ import orjson
 import pytest
 from celery.exceptions import Reject
 from flask import Flask
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from common import dead_letters, stats
+from common import dead_letters, redis_conn, stats
 from common.keys import partner_key
 from common.names import DELIVER_EVENTS_TASK, DELIVER_TASK
 from tests.support.partner_clients import ScriptedPartnerClient
@@ -78,6 +80,8 @@ def test_a_fault_of_ours_dead_letters_every_message_as_internal_error(
 
 def test_a_redis_error_puts_the_message_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # A Redis that is not there: a real connection error, no mock.
+    # Workers retry Redis for seconds (a failover); one attempt is enough to see the error here.
+    monkeypatch.setattr(redis_conn, "_worker_retry", lambda: Retry(NoBackoff(), 0))
     rt = core_runtime(redis_url="redis://127.0.0.1:1/0")
     monkeypatch.setattr(tasks, "REDIS_ERROR_PAUSE_SECONDS", 0.0)
     with _app_with(rt).app_context(), pytest.raises(Reject) as info:

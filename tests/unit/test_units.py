@@ -41,8 +41,8 @@ def test_token_check(header: str | None, ok: bool) -> None:
     assert token_is_valid(header, ("a", "b")) is ok
 
 
-def test_no_configured_token_lets_everything_in() -> None:
-    assert token_is_valid(None, ()) is True
+def test_no_configured_token_matches_nothing() -> None:
+    assert token_is_valid(None, ()) is False and token_is_valid("Token x", ()) is False
 
 
 def test_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -202,7 +202,7 @@ def test_old_membership_format_plans_adds_and_deletes() -> None:
 
 def test_keys_are_prefixed() -> None:
     keys = Keys("p")
-    assert keys.inbox == "p:inbox" and keys.seen("x") == "p:seen:x" and keys.delivered("k") == "p:delivered:k"
+    assert keys.inbox == "p:inbox" and keys.seen("x", 1).startswith("p:s:") and keys.delivered("k") == "p:delivered:k"
 
 
 def _entry(n: int, body: dict | str, kind: str = "event_processing_request", **fields: bytes) -> tuple:

@@ -11,6 +11,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from common.config import Settings
+from common.redaction import redact_secrets
 from schemas.fields import is_header_value
 from workers.partner.base import Operation, OperationKind, PartnerResult
 
@@ -108,7 +109,8 @@ class ReferencePartnerClient:
         if response.status_code >= 300:
             # A short excerpt for the dead-letter record, never logged. A partner may echo the
             # credentials it refused: take them out before cutting, so no fragment is left.
-            excerpt = response.text[:4096].replace(operation.api_key, "[redacted]")[:200]
+            # Before the cut: a key echoed in an encoding and cut at the boundary would be unrecognisable.
+            excerpt = redact_secrets(response.text[:4096], (operation.api_key,))[:200]
             error = f"HTTP {response.status_code}: {excerpt}"
         return PartnerResult(
             response.status_code,

@@ -789,22 +789,24 @@ def test_clients_stalled_mid_body_do_not_starve_others(
 def test_a_deeply_nested_dead_letter_can_be_shown(fault_stack: Stack, fault_token: str) -> None:
     """Valid JSON 600 levels deep (orjson takes up to 1024): refused at the door, since nothing
     past the 254 levels orjson writes can be delivered. As deep as the door takes (254 with the
-    message object) in an unknown field, and no apiKey: stored, then dead-lettered
-    (missing_api_key); `flask dlq show` must still show it."""
+    message object) in an event's unknown field: stored, then dead-lettered (its partner payload
+    nests two levels deeper: unserialisable); `flask dlq show` must still show it. (A message
+    without an apiKey, the earlier way to a dead letter here, is refused at the door now.)"""
     message = fresh_message("event_processing_request", "x")
-    del message["account"]["account_settings"]["apiKey"]
+    message["events"][0]["x_deep"] = "DEEP"
 
     def nested(lists: int) -> bytes:
-        return orjson.dumps(message)[:-1] + b', "nested": ' + b"[" * lists + b"]" * lists + b"}"
+        return orjson.dumps(message).replace(b'"DEEP"', b"[" * lists + b"]" * lists)
 
     refused = post(fault_stack.url, nested(600), fault_token)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_json"
-    assert post(fault_stack.url, nested(253), fault_token).status_code == 202
+    # Message, events and event are three levels: 251 more make the 254 the door takes.
+    assert post(fault_stack.url, nested(251), fault_token).status_code == 202
     wait_for(lambda: dead_letters.get(fault_stack.redis, KEYS, message["id"]), 30, 0.2, "the dead letter")
     app = create_app(Settings(redis_url=fault_stack.redis_url, broker_url=fault_stack.redis_url))
     shown = app.test_cli_runner().invoke(args=["dlq", "show", message["id"]])
     assert shown.exit_code == 0, f"{shown.output[-500:]}\n{shown.exception!r}"
-    assert '"reason": "missing_api_key"' in shown.output
+    assert '"reason": "unserialisable"' in shown.output
 
 
 def test_service_healthy_after_hostile_input(
