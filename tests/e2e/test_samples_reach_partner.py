@@ -141,7 +141,7 @@ def _route(method: str, path: str) -> str:
     return route
 
 
-# ------------------------------------------- acceptance items of issue 13 not shown elsewhere
+# ------------------------------------------- what reaches the partner, not shown elsewhere
 # (consent and notifications: test_end_to_end.py; add-with-attributes, same-millisecond add then
 # delete, member calls after a remove: test_audiences.py; poison: test_poison.py)
 

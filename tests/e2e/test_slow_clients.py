@@ -21,7 +21,7 @@ from devtools.procs import start_web, wait_for
 from tests.support import Proc, base_env, sample
 
 TOKEN = "slow-clients-token"
-DRIPPERS = 64  # of each kind, as in issue 14's acceptance
+DRIPPERS = 64  # of each kind: the web must keep serving while this many drip headers and as many drip bodies
 
 
 def _message() -> bytes:
