@@ -819,7 +819,7 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
 # What a profile of the web under gunicorn found (issue 17): measured by hand, not by this run, so
 # it is written as found and kept with the report rather than lost when `make bench` rewrites it.
 PROFILE_NOTES = """
-## Profile: where the web's CPU goes under gunicorn (issue 17)
+## Profile: where the web's CPU goes under gunicorn
 
 Measured with the gunicorn workers' CPU time (`/proc/<pid>/stat`, user and system apart) per request in
 alternating rounds against bare Flask, py-spy `--gil` (only the thread holding the GIL is sampled) and
