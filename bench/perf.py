@@ -816,7 +816,7 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
     return "\n".join(lines) + "\n"
 
 
-# What a profile of the web under gunicorn found (issue 17): measured by hand, not by this run, so
+# What a profile of the web under gunicorn found: measured by hand, not by this run, so
 # it is written as found and kept with the report rather than lost when `make bench` rewrites it.
 PROFILE_NOTES = """
 ## Profile: where the web's CPU goes under gunicorn
