@@ -16,27 +16,20 @@ import argparse
 import os
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import orjson
 import redis
 import requests
 
+from bench.redis_memory import event_bodies
 from common import stats as stats_names
 from common.keys import BACKLOG_LUA, Keys
 from devtools.procs import Proc, start_stub, start_web, start_worker, wait_for
-from devtools.samples import FIXTURES
 
 TOKEN = "bench-token"
 KEYS = Keys("fr")
 PEAK = 10_000  # requests/s mParticle plans for a large customer
-
-
-def _bodies(count: int) -> list[bytes]:
-    template = orjson.loads((FIXTURES / "3.2.0" / "EventProcessingRequest_ios.json").read_bytes())
-    return [orjson.dumps(dict(template, id=str(uuid.uuid4()))) for _ in range(count)]
 
 
 def _cpu(client: redis.Redis) -> float:
@@ -82,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
             wait_for(arrived, 600, interval=0.2, what="every message at the stub")
 
-        run(_bodies(50))  # warm-up: scripts loaded, connections open
-        bodies = _bodies(args.count)
+        run(event_bodies(50))  # warm-up: scripts loaded, connections open
+        bodies = event_bodies(args.count)
         client.config_resetstat()
         cpu_before, started = _cpu(client), time.monotonic()
         run(bodies)

@@ -41,7 +41,8 @@ _ADD_NOW = (
 LIFETIME = 1 + 1 / (2 * SPANS_PER_TTL)  # average mark life / TTL
 
 
-def _bodies(count: int) -> list[bytes]:
+def event_bodies(count: int) -> list[bytes]:
+    """`count` copies of the 3.2.0 iOS fixture, each with a fresh id, under one account."""
     template = orjson.loads((FIXTURES / "3.2.0" / "EventProcessingRequest_ios.json").read_bytes())
     template["account"]["account_id"] = ACCOUNT_ID
     return [orjson.dumps(dict(template, id=str(uuid.uuid4()))) for _ in range(count)]
@@ -61,7 +62,7 @@ def bytes_per_message(client: redis.Redis, count: int, ttl: int) -> tuple[float,
     keys = Keys("fr")
     accept = client.register_script(_ACCEPT)
     add_now = client.register_script(_ADD_NOW)
-    bodies = _bodies(count)
+    bodies = event_bodies(count)
     marks = [plan_message(orjson.loads(body)).operations[0].idempotency_key() for body in bodies]
     client.flushdb()
     _previous_bucket(client, keys, count, ttl)
