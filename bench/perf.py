@@ -517,7 +517,7 @@ def end_to_end(cfg: Config, env: dict[str, str], logs: Path) -> dict[str, Any]:
                 message_id, account_id = message["id"], message["account"]["account_id"]
                 # The arguments service/ingest.py's Ingest.accept gives the script.
                 accept(
-                    keys=[KEYS.seen(message_id, account_id), KEYS.inbox],
+                    keys=[KEYS.inbox],
                     args=[
                         86400,
                         body,

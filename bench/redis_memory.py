@@ -72,7 +72,7 @@ def bytes_per_message(client: redis.Redis, count: int, ttl: int) -> tuple[float,
     for index, body in enumerate(bodies):
         message_id = orjson.loads(body)["id"]
         accept(
-            keys=(keys.seen(message_id, ACCOUNT_ID), keys.inbox),
+            keys=(keys.inbox,),
             args=(
                 ttl,
                 body,

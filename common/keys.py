@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 from dataclasses import dataclass
 
@@ -19,11 +18,6 @@ def mark_digest(*parts: object) -> bytes:
     where 64 bits would not (about 2 % a day).
     """
     return hashlib.blake2b("\n".join(map(str, parts)).encode(), digest_size=12).digest()
-
-
-def compact_id(*parts: object) -> str:
-    """`mark_digest` as 16 base64url characters: the name of a mark kept as a key of its own."""
-    return base64.urlsafe_b64encode(mark_digest(*parts)).decode()
 
 
 # Counts the backlog the pump has not yet handed to Celery: the inbox and every lane. Read-only,
@@ -129,11 +123,6 @@ class Keys:
         """Namespace of the marks of payloads the partner answered 2xx (digests of their
         idempotency keys, which name the account too: every payload carries its account_id)."""
         return f"{self.prefix}:d:"
-
-    def seen(self, message_id: str, account_id: int | str | None = None) -> str:
-        """A message's accepted mark as a key of its own, as written before common/marks.py: no
-        longer written, still honoured (read) so an upgrade forgets no mark."""
-        return f"{self.prefix}:s:{compact_id(account_id, message_id)}"
 
     def delivered(self, idempotency_key: str) -> str:
         """A payload's delivered mark as a key of its own, as releases before common/marks.py wrote

@@ -16,8 +16,9 @@ the previous bucket's size (one shard's field count x its shards), aiming at FIL
 a rate that doubles from one bucket to the next still fits listpacks; a faster jump only costs
 memory (Redis converts the hash), never a mark.
 
-Marks written as one key each (`Keys.seen`, `Keys.delivered`, before this module) are still found,
-so an upgrade forgets nothing; none are written any more.
+Delivered marks that earlier releases wrote as one key each (`Keys.delivered`) are still found, so
+an upgrade sends nothing twice; none are written any more. Seen marks of earlier releases are not
+read: a retry they would have caught is stopped by the delivered mark.
 """
 
 from __future__ import annotations
@@ -91,13 +92,14 @@ local function mark_now()
 end
 """
 
-# KEYS: legacy marks; ARGV: ns, ttl, then one digest per key. Returns 1/0 per mark.
+# KEYS: the digests' one-key marks of earlier releases, if any; ARGV: ns, ttl, then the digests.
+# Returns 1/0 per digest.
 _EXIST = (
     LUA
     + """
 local now, found = mark_now(), {}
-for i = 1, #KEYS do
-  found[i] = mark_find(ARGV[1], KEYS[i], ARGV[2 + i], tonumber(ARGV[2]), now) and 1 or 0
+for i = 1, #ARGV - 2 do
+  found[i] = mark_find(ARGV[1], KEYS[i] or false, ARGV[2 + i], tonumber(ARGV[2]), now) and 1 or 0
 end
 return found
 """
@@ -157,4 +159,4 @@ class Marks:
     def seen(self, message_id: str, account_id: int | str | None = None) -> bool:
         """Whether this account's message id was accepted within the TTL."""
         args = [self.keys.seen_marks, self.ttl, digest(account_id, message_id)]
-        return bool(self._exist(keys=[self.keys.seen(message_id, account_id)], args=args)[0])
+        return bool(self._exist(args=args)[0])

@@ -25,18 +25,18 @@ from common.redis_conn import ingest_redis
 
 log = logging.getLogger(__name__)
 
-# The seen mark (common/marks.py; KEYS[1] is its older one-key form, still honoured) and XADD
-# of the body: both or neither, atomically, so a retry of a message we stored is recognised, and
-# a message we did not store is not. ARGV[6] is the mark's digest, ARGV[7] its namespace.
+# The seen mark (common/marks.py) and XADD of the body into KEYS[1], the inbox: both or neither,
+# atomically, so a retry of a message we stored is recognised, and a message we did not store is
+# not. ARGV[6] is the mark's digest, ARGV[7] its namespace.
 _STORE = (
     MARKS_LUA
     + """
 local stored = 0
 local now = mark_now()
-local found = mark_find(ARGV[7], KEYS[1], ARGV[6], tonumber(ARGV[1]), now)
+local found = mark_find(ARGV[7], false, ARGV[6], tonumber(ARGV[1]), now)
 if not found then
   mark_add(ARGV[7], ARGV[6], tonumber(ARGV[1]), now)
-  redis.call('XADD', KEYS[2], '*', 'body', ARGV[2], 'type', ARGV[3], 'id', ARGV[4])
+  redis.call('XADD', KEYS[1], '*', 'body', ARGV[2], 'type', ARGV[3], 'id', ARGV[4])
   stored = 1
 end
 """
@@ -47,11 +47,7 @@ end
 # 2xx once a replica holds that copy, 503 again until then. After a failover that lost the copy
 # the mark is gone too, and the retry stores the message anew.
 _TOUCH = """
-if found == KEYS[1] then
-  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[1]))
-elseif found then
-  redis.call('HSET', found, ARGV[6], 1)
-end
+if found then redis.call('HSET', found, ARGV[6], 1) end
 """
 
 # Whether the partner refused this account's current API key for audiences: the flag at
@@ -81,7 +77,7 @@ def _accept_and_check_script(confirm: bool) -> str:
     return (
         _STORE
         + (_TOUCH if confirm else "")
-        + "local suspend_key, current_key, may_clear = KEYS[3], ARGV[5], stored == 1\n"
+        + "local suspend_key, current_key, may_clear = KEYS[2], ARGV[5], stored == 1\n"
         + _CHECK_SUSPENDED
         + "return {stored, suspended}"
     )
@@ -178,7 +174,7 @@ class Ingest:
         try:
             stored = self._store(
                 self._accept,
-                (self.keys.seen(dedupe_id, account_id), self.keys.inbox),
+                (self.keys.inbox,),
                 (self.ttl, body, kind, dedupe_id, "", *self._mark(dedupe_id, account_id)),
             )
         except redis.RedisError as exc:
@@ -191,7 +187,7 @@ class Ingest:
         """`accept`, and `suspended` for the account, in one round trip: (stored now, suspended)."""
         dedupe_id = self._dedupe_id(message_id, body)
         self._check_memory()
-        keys = (self.keys.seen(dedupe_id, account_id), self.keys.inbox, self.keys.suspended(account_id))
+        keys = (self.keys.inbox, self.keys.suspended(account_id))
         try:
             stored, suspended = self._store(
                 self._accept_and_check,

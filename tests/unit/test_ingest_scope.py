@@ -14,7 +14,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from common.config import Settings
-from common.keys import Keys, partner_key
+from common.keys import Keys, mark_digest, partner_key
+from common.marks import Marks
 from service import create_app
 from service.ingest import RedisPolicyError, app_ingest
 from tests.support import sample
@@ -70,12 +71,13 @@ def test_one_message_id_from_two_accounts_is_stored_for_each(
         assert response.status_code == 202
     stored = [m["account"]["account_id"] for m in inbox(redis_client) if m["id"] == shared_id]
     assert sorted(stored) == [501, 502]
-    assert KEYS.seen(shared_id, 501) != KEYS.seen(shared_id, 502)
+    marks = Marks(redis_client, KEYS, 86400)
+    assert marks.seen(shared_id, 501) and marks.seen(shared_id, 502)
 
 
 def test_marks_are_compact() -> None:
-    # What a message costs Redis is mostly its marks' key length (README, "Sizing Redis").
-    assert len(KEYS.seen(str(uuid.uuid4()), 2**62)) == len("fr:s:") + 16
+    # A mark is a 12-byte digest, a field of a small hash (common/marks.py; README, "Sizing Redis").
+    assert len(mark_digest(2**62, str(uuid.uuid4()))) == 12
     assert KEYS.delivered("f" * 64) == "fr:delivered:" + "f" * 64  # the previous release's key, read
 
 
@@ -148,7 +150,7 @@ def test_above_the_watermark_the_door_answers_503_before_writing(
     response = app.test_client().post("/firehose", data=orjson.dumps(message), headers=AUTH)
     assert response.status_code == 503 and response.headers["Retry-After"]
     assert response.get_json()["error"]["code"] == "unavailable"
-    assert not redis_client.exists(KEYS.seen(message["id"], 503))
+    assert not Marks(redis_client, KEYS, 86400).seen(message["id"], 503)
     assert message["id"] not in [m["id"] for m in inbox(redis_client)]
     # Room again: the next reading (at most a second old in service; forced here) lets it in.
     policy.config_set("maxmemory", "0")

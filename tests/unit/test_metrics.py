@@ -102,7 +102,7 @@ def test_known_worker_counters_are_zero_before_any_delivery(redis_url: str) -> N
 def test_redis_memory_is_exported_for_sizing(redis_url: str, redis_client: redis_lib.Redis) -> None:
     settings = Settings(redis_url=redis_url, broker_url=redis_url, key_prefix=prefix())
     keys = Keys(settings.key_prefix)
-    redis_client.set(keys.seen(str(uuid.uuid4())), "1", ex=60)
+    redis_client.set(f"{keys.prefix}:example", "1", ex=60)
     text = collect_text(RedisCollector(settings))
     info = redis_client.info("memory")
     used = value(text, "firehose_redis_used_memory_bytes")

@@ -202,7 +202,7 @@ def test_old_membership_format_plans_adds_and_deletes() -> None:
 
 def test_keys_are_prefixed() -> None:
     keys = Keys("p")
-    assert keys.inbox == "p:inbox" and keys.seen("x", 1).startswith("p:s:") and keys.delivered("k") == "p:delivered:k"
+    assert keys.inbox == "p:inbox" and keys.seen_marks == "p:s:" and keys.delivered("k") == "p:delivered:k"
 
 
 def _entry(n: int, body: dict | str, kind: str = "event_processing_request", **fields: bytes) -> tuple:
