@@ -110,6 +110,7 @@ _FIXED_REASONS = frozenset(
         "notification:unknown_type",
         "unparseable:submitted_time",
         "dsr_identity_encoding_mismatch",
+        "unserialisable",
     }
 )
 _INVALID_PREFIXES = ("notification:invalid:", "invalid:")

@@ -29,6 +29,9 @@ RESPONSES: dict[str, tuple[str, int]] = {
     DSR: (DSR_RESPONSE, 200),
 }
 
+# The list each big message type carries its work in: where nearly all of its bytes are.
+ITEMS_FIELD = {EVENTS: "events", MEMBERSHIP: "user_profiles"}
+
 REQUEST_TYPES = frozenset(RESPONSES)
 RESPONSE_TYPES = frozenset(response for response, _ in RESPONSES.values())
 

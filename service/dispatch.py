@@ -18,6 +18,7 @@ from schemas.messages import MEMBERSHIP, REGISTRATION, REQUEST_TYPES, RESPONSE_T
 from schemas.responses import response_envelope
 from service.errors import ApiError
 from service.ingest import Ingest, IngestUnavailable
+from service.message_view import MessageView, view
 from service.metrics import count_enqueue_failure, count_ingest
 from service.registration import registration_response
 
@@ -30,6 +31,11 @@ MAX_DEPTH = 254
 
 
 def parse(body: bytes) -> Any:
+    """The message, as far as the door reads it: a big event batch or membership change comes as
+    a MessageView (service/message_view.py), anything else parsed whole."""
+    message = view(body)
+    if message is not None:
+        return message
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -48,6 +54,9 @@ def _too_deep(message: Any) -> bool:
     for both. Nothing orjson.loads returns fails to write except by depth: its numbers are
     within int64/uint64 or floats, its keys strings.
     """
+    if isinstance(message, MessageView) and isinstance(message.get(message.items_field), list):
+        # Its items are raw JSON, each checked by the worker (workers/repair.py): the rest here.
+        message = {k: v for k, v in message.items() if k != message.items_field}
     try:
         orjson.dumps(message)
     except orjson.JSONEncodeError:

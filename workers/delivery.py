@@ -37,7 +37,7 @@ from common import stats
 from common.config import Settings
 from common.marks import Marks
 from schemas.fields import MessageInvalid, is_header_value
-from workers import units
+from workers import repair, units
 from workers.gate import CallResult, Hold, Ticket, lift_suspension
 from workers.mapping import PermanentFailure, identity_encodings_for, plan_message
 from workers.partner.base import Operation, OperationKind, PartnerResult
@@ -457,7 +457,7 @@ def _track_credentials(rt: Runtime, operation: Operation, account_id: int, statu
 def _plan_one(body: str, identity_encodings: dict[str, str] | None = None) -> tuple[Member, dict[str, int]] | Rejected:
     """The member and its skipped events by reason, or why it is rejected."""
     try:
-        message: Any = orjson.loads(body)
+        message: Any = repair.load_body(body)
     except orjson.JSONDecodeError:
         return Rejected(body, None, None, None, DeadReason.INVALID_JSON)
     if units.is_unit(message):
@@ -479,13 +479,24 @@ def _plan_one(body: str, identity_encodings: dict[str, str] | None = None) -> tu
             return Rejected(body, *identify(message), DeadReason.INVALID_API_KEY, _INVALID_API_KEY_DETAIL)
         # Serialising each operation here (its idempotency key) is what lets a group's call be
         # made of members that all serialise: a merged payload nests no deeper than its parts.
-        marks = tuple(op.idempotency_key() for op in operations)
+        try:
+            marks = tuple(op.idempotency_key() for op in operations)
+        except orjson.JSONEncodeError:
+            # An item nested too deep to write, which the door leaves to the worker
+            # (workers/repair.py): skipped and counted, and the rest planned again.
+            message, dropped = repair.without_deep_items(message)
+            if not dropped:
+                raise
+            planned = plan_message(message, identity_encodings)
+            operations = tuple(planned.operations)
+            marks = tuple(op.idempotency_key() for op in operations)
+            planned.skipped = dict(Counter(planned.skipped) + Counter({repair.UNSERIALISABLE: dropped}))
     except MessageInvalid as exc:
         return Rejected(body, *identify(message), DeadReason.INVALID_MESSAGE, str(exc)[:500])
     except PermanentFailure as exc:
         return Rejected(body, *identify(message), exc.reason, exc.detail)
     except orjson.JSONEncodeError as exc:
-        # Nested deeper than orjson writes (254 levels; the door refuses those since it checks).
+        # Nested deeper than orjson writes outside its items (the door refuses those since it checks).
         return Rejected(body, *identify(message), DeadReason.UNSERIALISABLE, str(exc)[:500])
     except Exception as exc:  # one member's fault must not take its group's
         log.exception("plan_failed", extra={"event": "plan_failed", "error": type(exc).__name__})

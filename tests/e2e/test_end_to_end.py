@@ -254,3 +254,36 @@ def test_a_notification_only_batch_is_delivered_and_verification_is_not(web: str
     state = partner.state()
     assert state["consent"][consent_key(withdrawal)]["consent_state"] == withdrawal["consent_state"]
     assert state["event_batches"] == state["eventless_batches"] == 1
+
+
+def test_big_messages_arrive_whole_and_once(web: str, partner: Stub) -> None:
+    # Past the size where the door leaves the items unparsed (service/message_view.py) and the
+    # body goes into Redis by its own XADD (service/ingest.py): each posted twice, as a retry.
+    batch = fresh("3.2.0", "EventProcessingRequest_android.json")
+    batch["account"]["account_settings"]["apiKey"] = "big-batch-key"
+    template = batch["events"][0]
+    batch["events"] = [dict(template, id=str(uuid.uuid4())) for _ in range(200)]
+    change = fresh("3.2.0", "AudienceMembershipChangeRequest.json")
+    change["account"]["account_settings"]["apiKey"] = "big-change-key"
+    profile = change["user_profiles"][0]
+    change["user_profiles"] = [dict(profile, mpid=str(1000 + i)) for i in range(150)]
+    for message, status in ((batch, 202), (change, 200)):
+        body = orjson.dumps(message)
+        assert len(body) > 32 * 1024
+        assert [post(web, body).status_code for _ in range(2)] == [status, status]
+
+    wait_for(lambda: all(i in partner.state()["events"] for i in event_ids(batch)), 60, what="the 200 events")
+    assert all(partner.state()["events"][i] == 1 for i in event_ids(batch))
+    sent = [e for call in partner.requests("/v1/events") for b in call["body"]["batches"] for e in b["events"]]
+    assert sorted(sent, key=lambda e: e["id"]) == sorted(batch["events"], key=lambda e: e["id"])
+
+    def member_changes() -> list[dict]:
+        return [
+            c for call in partner.requests("/v1/audiences") if call["method"] == "POST" for c in call["body"]["changes"]
+        ]
+
+    audiences = len(profile["audiences"])
+    wait_for(lambda: len(member_changes()) >= 150 * audiences, 60, what="every profile's audience changes")
+    assert sorted(c["user"]["mpid"] for c in member_changes()) == sorted(
+        [str(1000 + i) for i in range(150)] * audiences
+    )

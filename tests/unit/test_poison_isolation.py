@@ -30,7 +30,8 @@ def rt(partner: ScriptedPartnerClient) -> Runtime:
 
 def too_deep_to_send() -> str:
     """An event batch the web accepts (254 levels) whose partner payload nests deeper than
-    orjson writes: its event sits two levels lower there ({"batches": [{"events": [...]}]})."""
+    orjson writes: its event sits two levels lower there ({"batches": [{"events": [...]}]}).
+    That event is skipped and counted (workers/repair.py); the rest of the batch is sent."""
     poison = message(api_key=API_KEY)
     poison["events"][0]["x_deep"] = "DEEP"
     lists = 254 - 3  # message, events list, event
@@ -60,7 +61,6 @@ def test_the_poison_body_is_one_the_web_accepts() -> None:
 @pytest.mark.parametrize(
     ("poison", "reason"),
     [
-        (too_deep_to_send, DeadReason.UNSERIALISABLE),
         (lambda: with_api_key("key\r\nX-Injected: 1"), DeadReason.INVALID_API_KEY),
         (lambda: with_api_key("ключ"), DeadReason.INVALID_API_KEY),
         (lambda: with_api_key("key\x01"), DeadReason.INVALID_API_KEY),
@@ -115,6 +115,20 @@ def test_an_unreadable_entry_goes_alone_and_never_fails_the_round() -> None:
     ]
 
 
+def test_an_event_too_deep_to_send_is_skipped_and_its_batch_sent_with_its_group(
+    rt: Runtime, partner: ScriptedPartnerClient
+) -> None:
+    neighbours = [body(message(api_key=API_KEY)) for _ in range(3)]
+    bad = too_deep_to_send()
+    run_attempt([neighbours[0], bad, *neighbours[1:]], 1, None, grouped=True, rt=rt)
+    assert len(partner.calls) == 1
+    assert sent_ids(partner) == [orjson.loads(b)["id"] for b in [neighbours[0], bad, *neighbours[1:]]]
+    [(op, _)] = partner.calls
+    assert [len(batch["events"]) for batch in op.payload["batches"]] == [2, 1, 2, 2]
+    assert letters(rt) == {} and take_inbox(rt) == []
+    assert rt.redis.hget(rt.keys.skipped_events, "unserialisable") == b"1"
+
+
 def test_replay_all_does_not_take_the_neighbours_down_again(rt: Runtime, partner: ScriptedPartnerClient) -> None:
     # Letters of a group that failed together before this fix: the poison one among them.
     neighbours = [body(message(api_key=API_KEY)) for _ in range(3)]
@@ -136,8 +150,9 @@ def test_replay_all_does_not_take_the_neighbours_down_again(rt: Runtime, partner
     jobs = plan_jobs(take_inbox(rt), max_messages=10, max_events=1000)
     for job in jobs:
         run_attempt(job.bodies, job.attempt, None, grouped=job.task == "events", rt=rt)
-    assert sorted(sent_ids(partner)) == sorted(orjson.loads(b)["id"] for b in neighbours)
-    assert letters(rt) == {orjson.loads(bad)["id"]: DeadReason.UNSERIALISABLE}
+    # The poison one too, without its event that cannot be written.
+    assert sorted(sent_ids(partner)) == sorted(orjson.loads(b)["id"] for b in [*neighbours, bad])
+    assert letters(rt) == {}
 
 
 def test_the_reference_client_never_sends_nor_raises_on_such_a_key() -> None:
