@@ -212,7 +212,7 @@ def run_wrk(
 
 @dataclass
 class Config:
-    rounds: int = 3
+    rounds: int = 5
     seconds: float = 4.0
     warmup: float = 1.0
     connections: int = 16

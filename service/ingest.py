@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import threading
 import time
 
 import redis
 from flask import Flask, current_app
 from redis.commands.core import Script
-from redis.exceptions import NoScriptError
+from redis.connection import Connection
+from redis.exceptions import NoScriptError, ReadOnlyError
 
 from common.config import Settings, SettingsError
 from common.keys import Keys, mark_digest, partner_key
@@ -172,6 +175,7 @@ class Ingest:
         self.ttl = settings.dedup_ttl_seconds
         # Through Sentinel when REDIS_SENTINELS is set (common/redis_conn.py), else REDIS_URL as it is.
         self.client = ingest_redis(settings, settings.ingest_redis_timeout_ms)
+        self._local = threading.local()  # each thread's own connection (_connection)
         self.min_replicas = settings.redis_min_replicas
         # WAIT must answer within the request's Redis budget, with room for the reply to arrive
         # before the socket timeout (the same budget) gives up on it. WAIT 0 would block forever.
@@ -269,46 +273,52 @@ class Ingest:
     def _store(self, script: Script | str, keys: tuple[str, ...], args: tuple[object, ...]) -> object:
         """Run a storing script (ARGV[2] the body); a script given as source is `_STORE_AFTER_XADD`'s:
         the body goes in its own XADD first, both in one MULTI/EXEC. Under REDIS_MIN_REPLICAS, WAIT
-        for the replicas in the same round trip (one pipeline) and raise IngestUnavailable when
-        too few confirmed in time."""
-        if isinstance(script, Script) and not self.min_replicas:
-            return self._run(script, keys, args)
-        for _ in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            if isinstance(script, Script):
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            else:
-                ttl, body, kind, dedupe_id, *rest = args
-                pipe.execute_command("MULTI")
-                pipe.execute_command("XADD", keys[0], "*", "body", body, "type", kind, "id", dedupe_id)
-                pipe.execute_command("EVAL", script, len(keys), *keys, ttl, "", kind, dedupe_id, *rest)
-                pipe.execute_command("EXEC")
-            if self.min_replicas:
-                pipe.execute_command("WAIT", self.min_replicas, self.wait_ms)
-            replies = pipe.execute(raise_on_error=False)
-            if isinstance(script, Script):
-                result = replies[0]
-                if isinstance(result, NoScriptError):
-                    script.sha = self.client.script_load(script.script)
-                    continue
-            else:
-                # An error before EXEC (Redis out of memory) aborts the whole transaction; one in
-                # EXEC's own reply is the script's, after the XADD ran: a retry of the message
-                # then stores it again, and the delivered marks send it once.
-                failed = next((r for r in replies[:4] if isinstance(r, Exception)), None)
-                if failed is not None:
-                    raise failed
-                result = replies[3][1]
-            if isinstance(result, Exception):
-                raise result
-            if self.min_replicas:
-                confirmed = replies[-1]
-                if isinstance(confirmed, Exception):
-                    raise confirmed
-                if int(confirmed) < self.min_replicas:
-                    raise IngestUnavailable(f"replicas_confirmed={int(confirmed)}")
-            return result
-        raise NoScriptError("script not loaded")
+        for the replicas in the same round trip and raise IngestUnavailable when too few confirmed
+        in time."""
+        wait = [("WAIT", self.min_replicas, self.wait_ms)] if self.min_replicas else []
+        if isinstance(script, Script):
+            replies = self._evalsha(script, keys, args, wait)
+            result = replies[0]
+        else:
+            ttl, body, kind, dedupe_id, *rest = args
+            replies = self._round_trip(
+                [
+                    ("MULTI",),
+                    ("XADD", keys[0], "*", "body", body, "type", kind, "id", dedupe_id),
+                    ("EVAL", script, len(keys), *keys, ttl, "", kind, dedupe_id, *rest),
+                    ("EXEC",),
+                    *wait,
+                ]
+            )
+            # An error before EXEC (Redis out of memory) aborts the whole transaction; one in
+            # EXEC's own reply is the script's, after the XADD ran: a retry of the message then
+            # stores it again, and the delivered marks send it once.
+            failed = next((r for r in replies[:4] if isinstance(r, Exception)), None)
+            if failed is not None:
+                raise failed
+            result = replies[3][1]
+        if isinstance(result, Exception):
+            raise result
+        if wait:
+            confirmed = replies[-1]
+            if isinstance(confirmed, Exception):
+                raise confirmed
+            if int(confirmed) < self.min_replicas:
+                raise IngestUnavailable(f"replicas_confirmed={int(confirmed)}")
+        return result
+
+    def _evalsha(
+        self, script: Script, keys: tuple[str, ...], args: tuple[object, ...], after: list[tuple[object, ...]]
+    ) -> list[object]:
+        """EVALSHA of one of our scripts, and `after`, in one round trip: every reply. A NOSCRIPT
+        (Redis restarted or its script cache was flushed) loads the script and runs it all again."""
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args), *after]
+        replies = self._round_trip(commands)
+        if isinstance(replies[0], NoScriptError):
+            script.sha = self.client.script_load(script.script)
+            commands[0] = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            replies = self._round_trip(commands)
+        return replies
 
     @staticmethod
     def _dedupe_id(message_id: str | None, body: bytes) -> str:
@@ -323,18 +333,51 @@ class Ingest:
         return partner_key(api_key) if api_key else ""
 
     def _run(self, script: Script, keys: tuple[str, ...], args: tuple[object, ...]) -> object:
-        """EVALSHA of one of our scripts.
+        """EVALSHA of one of our scripts: its reply, or its error raised."""
+        result = self._evalsha(script, keys, args, [])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-        Straight through execute_command: Script.__call__ goes through redis-py's
-        deprecated-argument wrapper, which inspects the call every time, on the request path.
-        A NOSCRIPT (Redis restarted or its script cache was flushed) loads the script again
-        and runs it once more, as Script.__call__ does.
+    def _connection(self) -> Connection:
+        """This thread's own connection to Redis, opened on its first command and after a failure.
+
+        Through redis-py's client every command took a connection from the pool and gave it back:
+        a lock, a deprecated-argument check that inspects the call, a poll() of the socket, a
+        retry wrapper with no retry to make, four observability hooks. A web thread serves one
+        request at a time, so it keeps a connection of its own (one per thread; a process forked
+        from this one makes its own) made by the same pool: the same address, Sentinel lookup,
+        TLS and timeouts.
         """
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.conn = self.client.connection_pool.make_connection()
+            local.pid = os.getpid()
+        return local.conn
+
+    def _round_trip(self, commands: list[tuple[object, ...]]) -> list[object]:
+        """Send `commands` in one write and read every reply, an error reply in its place.
+
+        A connection that fails is closed by redis-py as it raises (the next command reconnects,
+        under Sentinel to whichever primary it names now); so is one that meets READONLY, an old
+        primary demoted by a failover, whose refused write was not applied.
+        """
+        conn = self._connection()
+        conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+        replies: list[object] = []
         try:
-            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            script.sha = self.client.script_load(script.script)
-            return self.client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.ResponseError as exc:
+                    if isinstance(exc, ReadOnlyError):
+                        raise
+                    replies.append(exc)
+        except BaseException:
+            # Replies left unread would answer the thread's next request: never reuse it.
+            conn.disconnect()
+            raise
+        return replies
 
     def ping(self) -> bool:
         try:
