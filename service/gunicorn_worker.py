@@ -37,6 +37,7 @@ from gunicorn.workers.gthread import _DEFER, TConn, ThreadWorker
 
 from common.config import Settings
 from schemas.errors import error_body
+from service.body import bodies_buffered_by_server
 
 # One read takes what loopback or a LAN delivers at once; a 130 KB membership change then
 # arrives in a few poller wake-ups instead of dozens.
@@ -248,6 +249,8 @@ class RelayWorker(ThreadWorker):
         )
         # TLS and HTTP/2 read through their own machinery: those connections get stock gthread.
         self.buffering = not cfg.is_ssl and "h2" not in cfg.http_protocols
+        if self.buffering:
+            bodies_buffered_by_server()
         self.slot = BOARD.claim(os.getpid())
         try:
             super().init_process()

@@ -195,7 +195,18 @@ class Ingest:
         self._suspended = self.client.register_script(_SUSPENDED)
         # Web and workers both build their app through here (workers/worker.py): one check for both.
         check_eviction_policy(self.client)
+        self._load_scripts()
         app.extensions["ingest"] = self
+
+    def _load_scripts(self) -> None:
+        """Load the EVALSHA scripts now, so that the first requests do not each meet NOSCRIPT and
+        run again (under REDIS_MIN_REPLICAS, WAIT too: twice the budget). A Redis not up yet
+        loads them on first use instead."""
+        for script in (self._accept, self._accept_and_check, self._suspended):
+            try:
+                script.sha = self.client.script_load(script.script)
+            except redis.RedisError:
+                return
 
     def accept(self, message_id: str | None, kind: str, body: bytes, account_id: int | str | None = None) -> bool:
         """Store the message unless this account's message id was accepted before; True when stored now."""

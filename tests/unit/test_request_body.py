@@ -14,9 +14,11 @@ import pytest
 from flask import Request
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.http.unreader import SocketUnreader
+from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
 from common.config import Settings
+from service import body as body_module
 from service import create_app
 from service.body import read_body
 from service.errors import ApiError
@@ -105,3 +107,35 @@ def test_the_endpoint_answers_a_stalled_body_with_408(connection: Connection, re
     )
     body = orjson.loads(b"".join(chunks))
     assert (answer, body["error"]["code"]) == (["408 REQUEST TIMEOUT"], "request_timeout")
+
+
+@pytest.fixture
+def buffered() -> Iterator[None]:
+    """As under the web's own worker class: every body is whole before the app reads it."""
+    body_module.bodies_buffered_by_server()
+    try:
+        yield
+    finally:
+        body_module._buffered_by_server = False
+
+
+def test_a_buffered_body_is_read_whole_and_checked_against_the_limit(connection: Connection, buffered: None) -> None:
+    server, client = connection
+    payload = orjson.dumps({"type": "x", "pad": "p" * 70_000})
+    client.sendall(payload)
+    request = Request(_environ(server, len(payload)))
+    assert read_body(request, 0.5) == payload
+    assert server.gettimeout() is None  # no timeout set: nothing to wait for
+
+    client.sendall(payload)
+    with pytest.raises(RequestEntityTooLarge):
+        read_body(Request(_environ(server, len(payload))), 0.5, max_bytes=1000)
+
+
+def test_a_buffered_body_cut_short_is_a_400(connection: Connection, buffered: None) -> None:
+    server, client = connection
+    client.sendall(b'{"type": "x"')
+    client.shutdown(socket.SHUT_WR)  # the client's half-close: the server read all it sent
+    with pytest.raises(ApiError) as error:
+        read_body(Request(_environ(server, 100)), 0.5)
+    assert (error.value.status, error.value.code) == (400, "invalid_body")
