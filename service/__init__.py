@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, *, web: bool | None = None) -> 
     # Fail closed on the body size for form parsing too; we never read forms.
     app.config["MAX_FORM_MEMORY_SIZE"] = settings.max_body_bytes
 
-    from service import cookie_sync, errors, firehose, health, metrics, openapi, request_log
+    from service import cookie_sync, endpoint, errors, firehose, health, metrics, openapi, request_log
     from service.dlq_cli import dlq_cli
     from service.ingest import Ingest
     from service.registration import registration_for
@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None, *, web: bool | None = None) -> 
     app.register_blueprint(health.bp)
     app.register_blueprint(cookie_sync.bp)
     app.register_blueprint(openapi.bp)
+    # Last: POST /firehose is answered in front of everything above (service/endpoint.py).
+    endpoint.init_app(app)
     app.cli.add_command(firehose_cli)
     app.cli.add_command(dlq_cli)
     logging.getLogger(__name__).info("app_created", extra={"event": "app_created"})

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
+from werkzeug.wrappers import Request as WSGIRequest
 
 from service.errors import ApiError
 
@@ -24,7 +27,21 @@ def bodies_buffered_by_server() -> None:
     _buffered_by_server = True
 
 
-def read_body(request: Request, timeout_seconds: float, max_bytes: int | None = None) -> bytes:
+def read_sized_body(environ: dict[str, Any], length: int, limit: int, timeout_seconds: float) -> bytes:
+    """The body of a request that gave its Content-Length (`length`), for the WSGI endpoint
+    (service/endpoint.py): 413 past `limit`, read straight from the server's input when the
+    server holds all of it, else as `read_body` reads any body."""
+    if length > limit:
+        raise ApiError(413, "payload_too_large", RequestEntityTooLarge.description)
+    if _buffered_by_server:
+        data = environ["wsgi.input"].read(length)
+        if len(data) != length:  # the client closed its side before the end
+            raise _read_error(None)
+        return data
+    return read_body(WSGIRequest(environ), timeout_seconds, limit)
+
+
+def read_body(request: Request | WSGIRequest, timeout_seconds: float, max_bytes: int | None = None) -> bytes:
     """The body, or an ApiError: 408 for a client that stops sending, 400 for a broken body,
     413 over `max_bytes` (or the app's MAX_CONTENT_LENGTH).
 

@@ -1,7 +1,11 @@
-"""The Firehose HTTP endpoint.
+"""The Firehose HTTP endpoint, as a Flask view.
 
 Nothing here calls the partner: the answer must leave within mParticle's 100 ms budget,
 and everything that can wait happens in the workers.
+
+A POST that states its Content-Length never gets here: service/endpoint.py answers it in front
+of Flask, with the same functions. This view answers the rest (a chunked body), and gives the
+route its place in the URL map (405 for another method, the OpenAPI document).
 """
 
 from __future__ import annotations

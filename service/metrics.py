@@ -449,14 +449,19 @@ def _start() -> None:
     g.metrics_started = time.perf_counter()
 
 
+def observe_request(message_type: Any, status: int, started: float | None) -> None:
+    """One Firehose request answered: its count by type and status, its latency by type."""
+    kind = type_label(message_type)
+    _child(REQUESTS, kind, str(status)).inc()
+    if started is not None:
+        _child(REQUEST_LATENCY, kind).observe(time.perf_counter() - started)
+
+
 def _observe(response: Response) -> Response:
     # Only the Firehose endpoint: scrapes and health checks would swamp its latency.
     if request.blueprint == "firehose":
-        kind = type_label((g.get("message_fields") or {}).get("message_type"))
-        _child(REQUESTS, kind, str(response.status_code)).inc()
-        started = g.get("metrics_started")
-        if started is not None:
-            _child(REQUEST_LATENCY, kind).observe(time.perf_counter() - started)
+        message_type = (g.get("message_fields") or {}).get("message_type")
+        observe_request(message_type, response.status_code, g.get("metrics_started"))
     return response
 
 

@@ -70,29 +70,49 @@ class _RequestIds:
 _request_ids = _RequestIds()
 
 
-def note_message(message: Any) -> None:
-    """Records what the parsed message says it is, for log lines and metric labels.
+def message_fields(message: Any) -> dict[str, Any] | None:
+    """What the parsed message says it is, for log lines and metric labels (None: not an object).
 
-    Called before validation, so only values of the right JSON type, cut short, are kept.
+    Read before validation, so only values of the right JSON type, cut short, are kept.
     """
     if not isinstance(message, dict):
-        return
+        return None
     kind = message.get("type")
     message_id = message.get("id")
     account = message.get("account")
     account_id = account.get("account_id") if isinstance(account, dict) else None
-    fields = {
+    return {
         "message_type": kind[:100] if isinstance(kind, str) else None,
         "message_id": message_id[:64] if isinstance(message_id, str) else None,
         "account_id": account_id if type(account_id) is int else None,
     }
-    g.message_fields = fields
-    bind_log_context(**fields)
+
+
+def note_message(message: Any) -> None:
+    """Records `message_fields` for this request's log lines and metric labels."""
+    fields = message_fields(message)
+    if fields is not None:
+        g.message_fields = fields
+        bind_log_context(**fields)
+
+
+def request_id_for(presented: str | None) -> str:
+    """The caller's X-Request-Id when it is a sane one, else a new id."""
+    return presented if presented and _REQUEST_ID.fullmatch(presented) else _request_ids.next()
+
+
+def finish_summary(environ: dict[str, Any], status: int, summary: dict[str, Any], started: float | None) -> None:
+    """The request's `firehose_request` line: handed to the access line under gunicorn.conf.py,
+    else written now."""
+    if _summary_by_server:
+        environ[SUMMARY_ENVIRON_KEY] = summary
+        return
+    duration_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
+    log_summary(log, status, summary, {"duration_ms": duration_ms})
 
 
 def _begin() -> None:
-    presented = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = presented if _REQUEST_ID.fullmatch(presented) else _request_ids.next()
+    g.request_id = request_id_for(request.headers.get(REQUEST_ID_HEADER))
     g.log_started = time.perf_counter()
     g.log_token = bind_log_context(request_id=g.request_id)
 
@@ -107,12 +127,7 @@ def _finish(response: Response) -> Response:
 
 def _summary(response: Response) -> None:
     summary = {"error": g.get("error_code"), **(g.get("message_fields") or {})}
-    if _summary_by_server:
-        request.environ[SUMMARY_ENVIRON_KEY] = summary
-        return
-    started = g.get("log_started")
-    duration_ms = round((time.perf_counter() - started) * 1000, 3) if started else None
-    log_summary(log, response.status_code, summary, {"duration_ms": duration_ms})
+    finish_summary(request.environ, response.status_code, summary, g.get("log_started"))
 
 
 def log_summary(logger: logging.Logger, status: int, summary: dict[str, Any], fields: dict[str, Any]) -> None:
