@@ -821,24 +821,27 @@ def report(cfg: Config, ingest_result: dict[str, Any], e2e: dict[str, Any], env:
 PROFILE_NOTES = """
 ## Profile: where the web's CPU goes under gunicorn
 
-Measured with the gunicorn workers' CPU time (`/proc/<pid>/stat`, user and system apart) per request in
-alternating rounds against bare Flask, py-spy `--gil` (only the thread holding the GIL is sampled) and
-the workers' `gc.callbacks` timing, 100-profile membership changes (130 KB), 16 connections.
+Measured with the gunicorn workers' CPU time per request (`/proc/<pid>/stat`) in rounds alternating
+with bare Flask, py-spy `--gil` (only the thread holding the GIL is sampled), the apps called
+in-process straight through WSGI, and Redis's own CPU (INFO cpu) per message.
 
-- The ~2,500 us per membership change that in-process runs (~1,200 us) did not show was user CPU, and
-  mostly the cyclic garbage collector. Each message parses into ~2,200 dicts and lists: ~2.6 gen-0
-  collections ran mid-parse, the messages alive on the worker's 4 threads were promoted, gen-1
-  collections cost ~0.3 ms, and a full collection of the app's ~71,000 objects (~35 ms) ran every ~50
-  requests: ~950 us per request, ~800 of it in full collections. py-spy had it inside `orjson.loads`
-  (60 % of GIL-held samples with 4 threads, 34 % with 1, where the fewer live messages promote less).
-- Cut in gunicorn.conf.py (`post_worker_init`): the app's start-up objects are frozen (`gc.freeze`)
-  and the gen-0 threshold is 20,000, so a membership change (or four in flight) runs no collection and
-  a full collection walks only what was made since. `python -m bench.compare HEAD --body membership100
-  --rounds 5`: web CPU per request 0.65 of HEAD, req/s 1.9 times, p99 0.4 times.
-- Left: a worker with 4 threads still spends ~40 % more user CPU per membership change than with 1
-  (about 1,450 against 1,050 us, noisy), with no collection running; the remaining GIL-held samples
-  are spread thin: the Redis round trip ~13 % (packing the command ~2 %), the poller's per-request
-  bookkeeping (register/unregister, pipelined-bytes check) ~10 %, the access line ~4 %.
+- Big messages: parsing every event or user profile built ~2,200 dicts and lists for a 130 KB
+  membership change; building, collecting and freeing them was half the web's GIL-held time for it
+  (orjson.loads 29 %, freeing the message 11 %, the depth trial write 8 %). The door now reads an
+  event batch or membership change of 16 KB or more as a view (service/message_view.py, msgspec):
+  every byte checked as JSON, every top-level field parsed by orjson, the items left raw (what it
+  then leaves to the worker: workers/repair.py). Web CPU per membership change 0.64 of before.
+- Redis: a body passed to the store's Lua script was copied into a Lua string and out again: about
+  400 us of Redis CPU for a 130 KB change and 195 for a 56 KB batch, against 155 and 95 now that a
+  big body has its own XADD beside the script in one MULTI/EXEC (service/ingest.py).
+- Small messages: called in-process, a 7 KB event batch cost the app ~420 us through Flask (request
+  and app contexts, URL matching, six hooks each asked whether it is a coroutine, a Response) and
+  ~100 us through the same functions called straight from WSGI; redis-py's pool took a lock, ran a
+  deprecated-argument check, polled the socket and called four observability hooks per command.
+  POST /firehose is now answered in front of Flask (service/endpoint.py), and each web thread talks
+  to Redis on a connection of its own, one write and every reply read.
+- Earlier: the cyclic garbage collector (gunicorn.conf.py freezes the start-up objects and raises
+  the gen-0 threshold), connections balanced over the workers (service/gunicorn_worker.py).
 """
 
 
