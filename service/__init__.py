@@ -4,36 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from types import FunctionType
-from typing import Any
 
 import click
 from flask import Flask
 
 from common.config import Settings
-
-
-class RelayFlask(Flask):
-    """Flask, with `ensure_sync` answered once per function.
-
-    Flask asks it of the view and of every before, after and teardown hook on every request, and
-    each answer inspects the function's code flags: six times a request here, about 5 % of the
-    request path's own CPU for a small message. The functions asked about are the ones registered
-    at start; a bound method (a new object each time) is asked about as before.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        if type(func) is not FunctionType:
-            return super().ensure_sync(func)
-        sync = self._sync.get(func)
-        if sync is None:
-            sync = self._sync[func] = super().ensure_sync(func)
-        return sync
 
 
 def create_app(settings: Settings | None = None, *, web: bool | None = None) -> Flask:
@@ -57,7 +32,7 @@ def create_app(settings: Settings | None = None, *, web: bool | None = None) -> 
     if web if web is not None else loaded_to_serve():
         require_token_or_opt_out(settings)
         warn_if_open(settings, logging.getLogger(__name__))
-    app = RelayFlask("firehose_relay")
+    app = Flask("firehose_relay")
     app.config["SETTINGS"] = settings
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Fail closed on the body size for form parsing too; we never read forms.

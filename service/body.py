@@ -34,6 +34,8 @@ def read_sized_body(environ: dict[str, Any], length: int, limit: int, timeout_se
     if length > limit:
         raise ApiError(413, "payload_too_large", RequestEntityTooLarge.description)
     if _buffered_by_server:
+        # werkzeug's wrapping of the stream, read again in chunks, cost more than the parse of a
+        # small message's JSON.
         data = environ["wsgi.input"].read(length)
         if len(data) != length:  # the client closed its side before the end
             raise _read_error(None)
@@ -46,17 +48,14 @@ def read_body(request: Request | WSGIRequest, timeout_seconds: float, max_bytes:
     413 over `max_bytes` (or the app's MAX_CONTENT_LENGTH).
 
     Under the web's own worker class (service/gunicorn_worker.py) the body is already in memory
-    when the app reads it: the worker read it, within REQUEST_DEADLINE_SECONDS, before a thread
-    ran the request. Under any other worker each read from the client gets `timeout_seconds`: a
+    when the app reads it (`bodies_buffered_by_server`): the worker read it, within
+    REQUEST_DEADLINE_SECONDS, before a thread ran the request. Under any other worker each read
+    from the client gets `timeout_seconds`: a
     client that stalls mid-body would otherwise hold a worker until gunicorn kills it. A 408 is
     what mParticle retries, should it ever be the slow one.
     """
     if max_bytes is not None:
         request.max_content_length = min(max_bytes, request.max_content_length or max_bytes)
-    if _buffered_by_server:
-        length = request.content_length
-        if length is not None and "HTTP_TRANSFER_ENCODING" not in request.environ:
-            return _read_buffered(request, length)
     sock = None if _buffered_by_server else request.environ.get("gunicorn.socket")
     previous = sock.gettimeout() if sock is not None else None
     if sock is not None:
@@ -72,18 +71,6 @@ def read_body(request: Request | WSGIRequest, timeout_seconds: float, max_bytes:
     finally:
         if sock is not None:
             sock.settimeout(previous)
-
-
-def _read_buffered(request: Request, length: int) -> bytes:
-    """The body the server already holds, read straight from its input: werkzeug's wrapping of
-    the stream, read again in chunks, cost more than the parse of a small message's JSON."""
-    limit = request.max_content_length
-    if limit is not None and length > limit:
-        raise RequestEntityTooLarge()
-    data = request.environ["wsgi.input"].read(length)
-    if len(data) != length:  # the client closed its side before the end (the server read all it sent)
-        raise _read_error(None)
-    return data
 
 
 def _read_error(cause: BaseException | None) -> ApiError:

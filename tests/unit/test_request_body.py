@@ -14,13 +14,12 @@ import pytest
 from flask import Request
 from gunicorn.http.body import Body, LengthReader
 from gunicorn.http.unreader import SocketUnreader
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.test import EnvironBuilder
 
 from common.config import Settings
 from service import body as body_module
 from service import create_app
-from service.body import read_body
+from service.body import read_body, read_sized_body
 from service.errors import ApiError
 
 Connection = tuple[socket.socket, socket.socket]
@@ -123,13 +122,11 @@ def test_a_buffered_body_is_read_whole_and_checked_against_the_limit(connection:
     server, client = connection
     payload = orjson.dumps({"type": "x", "pad": "p" * 70_000})
     client.sendall(payload)
-    request = Request(_environ(server, len(payload)))
-    assert read_body(request, 0.5) == payload
+    assert read_sized_body(_environ(server, len(payload)), len(payload), 100_000, 0.5) == payload
     assert server.gettimeout() is None  # no timeout set: nothing to wait for
-
-    client.sendall(payload)
-    with pytest.raises(RequestEntityTooLarge):
-        read_body(Request(_environ(server, len(payload))), 0.5, max_bytes=1000)
+    with pytest.raises(ApiError) as error:
+        read_sized_body(_environ(server, len(payload)), len(payload), 1000, 0.5)
+    assert (error.value.status, error.value.code) == (413, "payload_too_large")
 
 
 def test_a_buffered_body_cut_short_is_a_400(connection: Connection, buffered: None) -> None:
@@ -137,5 +134,13 @@ def test_a_buffered_body_cut_short_is_a_400(connection: Connection, buffered: No
     client.sendall(b'{"type": "x"')
     client.shutdown(socket.SHUT_WR)  # the client's half-close: the server read all it sent
     with pytest.raises(ApiError) as error:
-        read_body(Request(_environ(server, 100)), 0.5)
+        read_sized_body(_environ(server, 100), 100, 1000, 0.5)
     assert (error.value.status, error.value.code) == (400, "invalid_body")
+
+
+def test_an_unbuffered_sized_body_gets_the_timeouts(connection: Connection) -> None:
+    server, client = connection
+    client.sendall(b'{"type": ')  # and then nothing
+    with pytest.raises(ApiError) as error:
+        read_sized_body(_environ(server, 50), 50, 1000, 0.2)
+    assert (error.value.status, error.value.code) == (408, "request_timeout")
