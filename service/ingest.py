@@ -374,6 +374,9 @@ class Ingest:
         primary demoted by a failover, whose refused write was not applied.
         """
         conn = self._connection()
+        # Connected here, not by the send: under Sentinel only connect() asks for the primary's
+        # address (a send would open the connection to the address it was made with).
+        conn.connect()
         conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         replies: list[object] = []
         try:

@@ -132,3 +132,21 @@ def test_a_big_body_is_stored_after_redis_lost_its_scripts(
     assert client.post("/firehose", data=body, headers=AUTH).status_code == 202
     assert client.post("/firehose", data=body, headers=AUTH).status_code == 202
     assert inbox(redis_client, keys) == [body]
+
+
+def test_each_thread_connection_asks_sentinel_for_the_primary(
+    redis_url: str, redis_client: redis_lib.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sentinel stands in by its answer: the suite's Redis is the primary. REDIS_URL's own host is a
+    # closed port, so a connection that did not ask would store nothing, or store elsewhere.
+    from redis.sentinel import Sentinel
+
+    primary = redis_client.connection_pool.connection_kwargs
+    monkeypatch.setattr(Sentinel, "discover_master", lambda *_: (primary["host"], primary["port"]))
+    db = primary.get("db", 0)
+    client = make_app(
+        f"redis://127.0.0.1:9/{db}", keys, redis_sentinels=("127.0.0.1:9",), redis_sentinel_master="relay"
+    ).test_client()
+    bodies = [_sized(event_batch(605, str(uuid.uuid4())), size) for size in SIZES]
+    assert [client.post("/firehose", data=body, headers=AUTH).status_code for body in bodies] == [202, 202]
+    assert inbox(redis_client, keys) == bodies

@@ -786,27 +786,39 @@ def test_clients_stalled_mid_body_do_not_starve_others(
     assert served, "stalled clients held every gunicorn worker: a normal client got no answer within 3 s"
 
 
-def test_a_deeply_nested_dead_letter_can_be_shown(fault_stack: Stack, fault_token: str) -> None:
-    """Valid JSON 600 levels deep (orjson takes up to 1024): refused at the door, since nothing
-    past the 254 levels orjson writes can be delivered. As deep as the door takes (254 with the
-    message object) in an event's unknown field: stored, then dead-lettered (its partner payload
-    nests two levels deeper: unserialisable); `flask dlq show` must still show it. (A message
-    without an apiKey, the earlier way to a dead letter here, is refused at the door now.)"""
-    message = fresh_message("event_processing_request", "x")
-    message["events"][0]["x_deep"] = "DEEP"
+def test_a_deeply_nested_dead_letter_can_be_shown(fault_stack: Stack, quiet_partner: Stub, fault_token: str) -> None:
+    """Valid JSON 600 levels deep (orjson reads up to 1024, writes 254): a small message is refused
+    at the door. As deep as the door takes in an event's unknown field (254 with the message
+    object), and 600 deep in an event of a big batch (the door leaves a big message's events
+    unparsed, service/message_view.py): stored, and the worker skips and counts that event, which
+    its partner payload could not hold, and sends the rest (workers/repair.py). The partner
+    refuses this key, so each ends as a dead letter whose body nests that deep, and
+    `flask dlq show` must still show it."""
+    api_key = "deep-nesting-key"
+    quiet_partner.faults([{"path_prefix": "/v1", "status": 400, "api_key_sha256": sha(api_key)}])
+    small = fresh_message("event_processing_request", api_key)
+    small["events"][0]["x_deep"] = "DEEP"
+    big = copy.deepcopy(small)
+    big["id"] = str(uuid.uuid4())
+    big["events"] += [dict(big["events"][1], id=str(uuid.uuid4())) for _ in range(40)]
 
-    def nested(lists: int) -> bytes:
+    def nested(message: dict, lists: int) -> bytes:
         return orjson.dumps(message).replace(b'"DEEP"', b"[" * lists + b"]" * lists)
 
-    refused = post(fault_stack.url, nested(600), fault_token)
+    refused = post(fault_stack.url, nested(small, 600), fault_token)
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_json"
     # Message, events and event are three levels: 251 more make the 254 the door takes.
-    assert post(fault_stack.url, nested(251), fault_token).status_code == 202
-    wait_for(lambda: dead_letters.get(fault_stack.redis, KEYS, message["id"]), 30, 0.2, "the dead letter")
+    assert post(fault_stack.url, nested(small, 251), fault_token).status_code == 202
+    assert len(nested(big, 600)) > 16 * 1024
+    assert post(fault_stack.url, nested(big, 600), fault_token).status_code == 202
     app = create_app(Settings(redis_url=fault_stack.redis_url, broker_url=fault_stack.redis_url))
-    shown = app.test_cli_runner().invoke(args=["dlq", "show", message["id"]])
-    assert shown.exit_code == 0, f"{shown.output[-500:]}\n{shown.exception!r}"
-    assert '"reason": "unserialisable"' in shown.output
+    for message in (small, big):
+        wait_for(lambda m=message: dead_letters.get(fault_stack.redis, KEYS, m["id"]), 30, 0.2, "the dead letter")
+        shown = app.test_cli_runner().invoke(args=["dlq", "show", message["id"]])
+        assert shown.exit_code == 0, f"{shown.output[-500:]}\n{shown.exception!r}"
+        assert '"reason": "partner_rejected"' in shown.output
+    skipped = {k.decode(): int(v) for k, v in fault_stack.redis.hgetall(KEYS.skipped_events).items()}
+    assert skipped.get("unserialisable", 0) >= 2
 
 
 def test_service_healthy_after_hostile_input(
