@@ -376,7 +376,8 @@ class Ingest:
         conn = self._connection()
         # Connected here, not by the send: under Sentinel only connect() asks for the primary's
         # address (a send would open the connection to the address it was made with).
-        conn.connect()
+        if not conn.is_connected:
+            conn.connect()
         conn.send_packed_command(conn.pack_commands(commands), check_health=False)
         replies: list[object] = []
         try:
