@@ -1,8 +1,8 @@
 """POST /firehose as the WSGI server calls it: the request path without Flask's machinery.
 
 Every Firehose request went through Flask's request and app contexts, URL matching, before,
-after and teardown hooks and a Response object: about three quarters of the web's own CPU for a
-small message (in process, a 7 KB event batch: 420 us through Flask, 100 us here). This
+after and teardown hooks and a Response object: in process, a 7 KB event batch cost 420 us through
+Flask and costs 230 us here (bare Flask answering 202: 130 us). This
 middleware answers a POST to /firehose (or /firehose/<anything>) that states its Content-Length
 with the same functions the Flask view uses (service/dispatch.py), and does what the hooks did:
 the request id (service/request_log.py), the log context, the `firehose_request` line, the
