@@ -28,15 +28,21 @@ from common.redis_conn import ingest_redis
 
 log = logging.getLogger(__name__)
 
-# The seen mark (common/marks.py) and XADD of the body into KEYS[1], the inbox: both or neither,
-# atomically, so a retry of a message we stored is recognised, and a message we did not store is
-# not. ARGV[6] is the mark's digest, ARGV[7] its namespace.
-_STORE = (
+# Both storing scripts start here: is this account's message id marked as seen (common/marks.py)?
+# ARGV[1] is the marks' TTL, ARGV[6] the mark's digest, ARGV[7] its namespace.
+_FIND_MARK = (
     MARKS_LUA
     + """
-local stored = 0
 local now = mark_now()
 local found = mark_find(ARGV[7], false, ARGV[6], tonumber(ARGV[1]), now)
+"""
+)
+# The seen mark and XADD of the body into KEYS[1], the inbox: both or neither, atomically, so a
+# retry of a message we stored is recognised, and a message we did not store is not.
+_STORE = (
+    _FIND_MARK
+    + """
+local stored = 0
 if not found then
   mark_add(ARGV[7], ARGV[6], tonumber(ARGV[1]), now)
   redis.call('XADD', KEYS[1], '*', 'body', ARGV[2], 'type', ARGV[3], 'id', ARGV[4])
@@ -52,11 +58,9 @@ end
 # ends as `_STORE` leaves it. ARGV as for `_STORE`, with ARGV[2] (the body) empty.
 BIG_BODY_BYTES = 16 * 1024
 _STORE_AFTER_XADD = (
-    MARKS_LUA
+    _FIND_MARK
     + """
 local stored = 1
-local now = mark_now()
-local found = mark_find(ARGV[7], false, ARGV[6], tonumber(ARGV[1]), now)
 if found then
   local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)[1]
   redis.call('XDEL', KEYS[1], last[1])
